@@ -1,0 +1,181 @@
+"""The decoding API: `generate(model, prompts, ...)` and plain autoregressive decoding.
+
+Autoregressive (AR) decoding is the baseline every speedup is measured against, so it is
+kept lean: per token one forward of the whole batch and one sampling call, no per-token
+Python work that grows with the sequence.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.sampling import sample, uniforms
+from specdec.loading import Model
+
+
+@dataclass
+class SamplingParams:
+    """Per-call sampling settings, validated; as per-request tensors via `tensors`."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def tensors(self, batch_size: int, device):
+        """(temperature, top_k, top_p, seeds), each (B,), on `device`."""
+        B = batch_size
+        temperature = torch.full((B,), float(self.temperature), device=device)
+        top_k = torch.full((B,), self.top_k or 0, dtype=torch.int64, device=device)
+        top_p = torch.full((B,), float(self.top_p or 1.0), device=device)
+        base = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()))
+        # Request b's stream depends on (seed, b) only: reproducible, independent of neighbours.
+        seeds = torch.tensor([(base * 1_000_003 + b) % 2**62 for b in range(B)], dtype=torch.int64, device=device)
+        return temperature, top_k, top_p, seeds
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    token_ids: list[list[int]]  # generated ids per prompt, without the prompt (EOS included if emitted)
+    stats: dict = field(default_factory=dict)
+
+
+def encode_prompts(model: Model, prompts, chat=None) -> list[list[int]]:
+    """Strings (chat-templated when `chat`, default: when the tokenizer has a template) or id lists."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
+    tok = model.tokenizer
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                raise ValueError(f"prompt {i} is an empty string")
+            if tok is None:
+                raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+            use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
+            if use_chat:
+                ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False)
+            else:
+                ids = tok.encode(p, add_special_tokens=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        else:
+            ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is an empty token list")
+            bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside [0, {model.config.vocab_size}): {bad[:5]}")
+        out.append(ids)
+    return out
+
+
+def check_lengths(model: Model, prompt_ids, max_new_tokens: int):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    ctx = model.config.max_context
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) + max_new_tokens > ctx:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                             f"the model's context of {ctx} tokens")
+
+
+def pad(prompt_ids, device, value=0):
+    """(B, Lmax) int64 right-padded tokens and (B,) int32 lengths."""
+    lens = torch.tensor([len(p) for p in prompt_ids], dtype=torch.int32)
+    tokens = torch.full((len(prompt_ids), int(lens.max())), value, dtype=torch.int64)
+    for b, p in enumerate(prompt_ids):
+        tokens[b, : len(p)] = torch.tensor(p)
+    return tokens.to(device), lens.to(device)
+
+
+def prefill(net, cache, prompt_ids):
+    """Run the prompts (ragged) into the cache; logits (B, V) at each prompt's last token."""
+    tokens, lens = pad(prompt_ids, net.device)
+    logits = net(tokens, cache, num_new=lens, logits_at=(lens.long() - 1).view(-1, 1))
+    cache.advance(lens)
+    return logits[:, 0]
+
+
+def eos_tensor(model: Model, device):
+    eos = set(model.config.eos_token_ids)
+    tok = model.tokenizer
+    if tok is not None and tok.eos_token_id is not None:
+        eos.add(int(tok.eos_token_id))
+    return torch.tensor(sorted(eos) or [-1], device=device)
+
+
+@torch.inference_mode()
+def autoregressive(model: Model, prompt_ids, max_new_tokens: int, params: SamplingParams):
+    """Plain AR decoding of a ragged batch. Returns (generated ids per prompt, stats)."""
+    net, device = model.net, model.device
+    B = len(prompt_ids)
+    temperature, top_k, top_p, seeds = params.tensors(B, device)
+    eos = eos_tensor(model, device)
+    cache = net.new_cache(B, max(len(p) for p in prompt_ids) + max_new_tokens)
+    out = torch.full((B, max_new_tokens), -1, dtype=torch.int64, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    one = torch.ones(B, dtype=torch.int32, device=device)
+
+    t0 = time.perf_counter()
+    logits = prefill(net, cache, prompt_ids)
+    t_prefill = time.perf_counter() - t0
+    steps = 0
+    for t in range(max_new_tokens):
+        u = None if params.greedy else uniforms(seeds, torch.full_like(seeds, t), 1)[:, 0]
+        token = sample(logits, temperature, top_k, top_p, u)  # (B,)
+        out[:, t] = torch.where(done, -1, token)
+        done |= torch.isin(token, eos)
+        steps += 1
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = net(token.view(B, 1), cache)[:, 0]  # (B, V)
+        cache.advance(one)
+    ids = [[x for x in row if x >= 0] for row in out[:, :steps].tolist()]  # .tolist() syncs
+    return ids, dict(prefill_seconds=t_prefill, decode_steps=steps)
+
+
+def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None, chat=None,
+             **drafter_options) -> GenerationResult:
+    """Decode `prompts` (strings or token-id lists) as one batch; see README for the options.
+
+    Drafter "none" is plain autoregressive decoding. Returns texts, generated token ids
+    (without the prompt) and stats (tokens, seconds, tokens_per_s, ...).
+    """
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    prompt_ids = encode_prompts(model, prompts, chat)
+    check_lengths(model, prompt_ids, max_new_tokens)
+    if drafter != "none":
+        raise ValueError(f"unknown drafter {drafter!r}: available: 'none'")
+    if drafter_options:
+        raise TypeError(f"unexpected options for drafter 'none': {sorted(drafter_options)}")
+    t0 = time.perf_counter()
+    ids, stats = autoregressive(model, prompt_ids, max_new_tokens, params)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(x) for x in ids)
+    stats = dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, drafter="none", **stats)
+    return GenerationResult(texts=decode(model, ids), token_ids=ids, stats=stats)
+
+
+def decode(model: Model, ids) -> list[str]:
+    tok = model.tokenizer
+    if tok is None:
+        return ["" for _ in ids]
+    return [tok.decode(x, skip_special_tokens=True) for x in ids]

@@ -1,0 +1,254 @@
+"""A minimal Llama-style decoder and its KV cache.
+
+One forward serves prefill, decode and draft-tree verification: each sequence of a batch
+brings N new tokens with explicit positions, they are appended to a preallocated cache
+after that sequence's `lens[b]` committed tokens, and they attend to the committed prefix
+plus (for a draft tree) their ancestors and themselves. Attention goes through
+`kernels.tree_attention`, a Triton kernel on CUDA and a PyTorch reference elsewhere.
+
+Letters: B batch, N new tokens, S cache capacity, H query heads, Hkv KV heads,
+D head dim, E hidden size, F FFN size, V vocabulary, L layers.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.tree_attention import AttentionBatch, tree_attention
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3-style frequency scaling (rope_type "llama3")."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int  # E
+    num_layers: int  # L
+    num_heads: int  # H
+    num_kv_heads: int  # Hkv
+    intermediate_size: int  # F
+    head_dim: int | None = None  # D; hidden_size // num_heads when None
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_context: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "llama"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+
+# Known configurations, for tests and for sizing benchmarks without weights.
+CONFIGS = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                         intermediate_size=1536, rope_theta=100000.0, tie_embeddings=True, max_context=8192),
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                       intermediate_size=14336, rope_theta=500000.0, max_context=8192),
+}
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,) float32, with Llama-3 scaling applied when configured."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    s = config.rope_scaling
+    if s is not None:
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen = s.original_max_position / s.low_freq_factor
+        high_wavelen = s.original_max_position / s.high_freq_factor
+        smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (the Hugging Face layout): x (B, N, h, D); cos, sin (B, N, 1, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for every layer, with per-sequence committed lengths.
+
+    k, v: (L, B, Hkv, S, D). Slots [0, lens[b]) of sequence b are committed. A forward writes
+    its new tokens at slots lens[b] + i without moving `lens`; the caller then either
+    `advance`s (keep them all), `commit`s an accepted subset (a tree's accepted path), or
+    leaves `lens` as it was (drop them). `rollback` truncates.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, device=None, dtype=None):
+        super().__init__()
+        shape = (config.num_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("lens", torch.zeros(batch_size, dtype=torch.int32, device=device), persistent=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, layer: int, k_new, v_new, slots):
+        """k_new, v_new (B, N, Hkv, D) into slots (B, N) of `layer`."""
+        b = torch.arange(k_new.shape[0], device=slots.device).view(-1, 1)
+        self.k[layer][b, :, slots] = k_new
+        self.v[layer][b, :, slots] = v_new
+
+    def advance(self, num_new: torch.Tensor):
+        self.lens += num_new.to(self.lens.dtype)
+
+    def rollback(self, lens: torch.Tensor):
+        """Truncate each sequence b to lens[b] tokens (lens[b] <= current length)."""
+        self.lens.copy_(torch.minimum(self.lens, lens.to(self.lens.dtype)))
+
+    def commit(self, nodes: torch.Tensor, count: torch.Tensor):
+        """Keep the just-written new tokens at node indices `nodes` (B, K), the first count[b].
+
+        The kept tokens move to slots lens[b] + 0..count[b]-1, so the cache equals one built
+        by feeding only those tokens. nodes must be increasing along each row (a tree path in
+        topological order), which makes nodes[b, j] >= j and the gather-then-write safe.
+        """
+        B, K = nodes.shape
+        if K == 0:
+            return
+        j = torch.arange(K, device=nodes.device).view(1, K)
+        keep = j < count.view(B, 1)
+        base = self.lens.long().view(B, 1)
+        src = base + torch.where(keep, nodes.long(), j)  # rows past count copy onto themselves
+        dst = base + j
+        b = torch.arange(B, device=nodes.device).view(B, 1)
+        for cache in (self.k, self.v):
+            moved = cache[:, b, :, src]  # (B, K, L, Hkv, D): advanced indices come first
+            cache[:, b, :, dst] = moved
+        self.lens += count.to(self.lens.dtype)
+
+    def reorder(self, index: torch.Tensor):
+        """Keep only the sequences `index` (B',), in that order (finished requests leave)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+        self.lens = self.lens[index]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        D = c.head_dim
+        # One fused projection for q, k and v: a single matrix product per layer.
+        self.qkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * D, bias=False)
+        self.o = nn.Linear(c.num_heads * D, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, slots, batch: AttentionBatch):
+        B, N, _ = x.shape
+        c, D = self.c, self.c.head_dim
+        q, k, v = self.qkv(x).split([c.num_heads * D, c.num_kv_heads * D, c.num_kv_heads * D], dim=-1)
+        q = apply_rope(q.view(B, N, c.num_heads, D), cos, sin)  # (B, N, H, D)
+        k = apply_rope(k.view(B, N, c.num_kv_heads, D), cos, sin)  # (B, N, Hkv, D)
+        cache.write(layer, k, v.view(B, N, c.num_kv_heads, D), slots)
+        out = tree_attention(q, cache.k[layer], cache.v[layer], batch)  # (B, N, H, D)
+        return self.o(out.reshape(B, N, c.num_heads * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)  # fused SwiGLU input
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, cache, layer, slots, batch):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, slots, batch)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_frequencies(c), persistent=False)
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        capacity = capacity or self.config.max_context
+        return KVCache(self.config, batch_size, capacity, self.device, self.dtype)
+
+    def forward(self, tokens, cache: KVCache, positions=None, num_new=None, tree=None, logits_at=None):
+        """Run N new tokens per sequence through the model, writing their K/V to the cache.
+
+        tokens (B, N) int64; positions (B, N), default lens[b] + i; num_new (B,) valid new
+        tokens, default N; tree (B, N, N) ancestor-or-self mask, default causal.
+        logits_at (B, M) indices into N of the rows whose logits are wanted (default all).
+        Returns logits (B, M, V) float32. `cache.lens` is left unchanged.
+        """
+        B, N = tokens.shape
+        lens = cache.lens
+        if num_new is None:
+            num_new = torch.full((B,), N, dtype=torch.int32, device=tokens.device)
+        slots = lens.long().view(B, 1) + torch.arange(N, device=tokens.device).view(1, N)
+        if positions is None:
+            positions = slots
+        angles = positions.float().unsqueeze(-1) * self.inv_freq  # (B, N, D/2)
+        cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)  # (B, N, 1, D/2)
+        batch = AttentionBatch(lens, num_new.to(torch.int32), tree)
+
+        x = self.embed(tokens)  # (B, N, E)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, slots, batch)
+        if logits_at is not None:  # only the rows that are sampled: the output layer is the largest matmul
+            x = torch.gather(x, 1, logits_at.view(B, -1, 1).expand(-1, -1, x.shape[-1]))
+        return self.lm_head(self.norm(x)).float()
