@@ -5,6 +5,7 @@ Every format becomes a `ModelConfig` plus a state dict in Hugging Face's Llama n
 fused layout. No model hub is ever contacted.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -78,8 +79,7 @@ def load_model(path=None, device=None, dtype=None) -> Model:
         config, state = _read_hf_dir(path)
         tokenizer = _hf_tokenizer(str(path))
     elif path.suffix == ".gguf":
-        config, state = _read_gguf(path)
-        tokenizer = _hf_tokenizer(str(path.parent), gguf_file=path.name)
+        config, state, tokenizer = _read_gguf_cached(path)
     else:
         raise ValueError(f"unknown model format at {path}: expected a directory with config.json or a .gguf file")
     net = build_transformer(config, state, device, dtype)
@@ -118,9 +118,9 @@ def build_transformer(config: ModelConfig, state: dict, device, dtype) -> Transf
 
 
 def config_from_hf(cfg: dict) -> ModelConfig:
-    arch = cfg.get("architectures") or [cfg.get("model_type", "?")]
-    if cfg.get("model_type") not in ("llama", None) or not any("Llama" in a for a in arch):
-        raise ValueError(f"unsupported architecture {arch} (model_type={cfg.get('model_type')!r}): only Llama")
+    model_type, archs = cfg.get("model_type"), cfg.get("architectures") or []
+    if model_type != "llama" and not any("Llama" in a for a in archs):
+        raise ValueError(f"unsupported architecture (model_type={model_type!r}, architectures={archs}): only Llama")
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = None
@@ -162,12 +162,44 @@ def _hf_tokenizer(path: str, gguf_file=None):
 
     try:
         return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:  # e.g. a GGUF without tokenizer fields
         print(f"specdec: no tokenizer at {path} ({type(e).__name__}); token ids only", file=sys.stderr)
         return None
 
 
 # --- GGUF ----------------------------------------------------------------------------------
+
+
+def _read_gguf_cached(path: Path):
+    """GGUF weights and tokenizer, converted once (~15 s) and kept as safetensors + tokenizer files.
+
+    The cache entry is keyed by the file's name, size and modification time.
+    """
+    from safetensors.torch import load_file, save_file
+
+    st = path.stat()
+    entry = cache_dir() / "converted" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (entry / "done").exists():
+        cfg = json.loads((entry / "specdec_config.json").read_text())
+        cfg["rope_scaling"] = RopeScaling(**cfg["rope_scaling"]) if cfg["rope_scaling"] else None
+        cfg["eos_token_ids"] = tuple(cfg["eos_token_ids"])
+        tokenizer = _hf_tokenizer(str(entry)) if (entry / "tokenizer_config.json").exists() else None
+        return ModelConfig(**cfg), load_file(str(entry / "weights.safetensors")), tokenizer
+    config, state = _read_gguf(path)
+    tokenizer = _hf_tokenizer(str(path.parent), gguf_file=path.name)
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(entry / "weights.safetensors"))
+        (entry / "specdec_config.json").write_text(json.dumps(dataclasses.asdict(config)))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(entry))
+        (entry / "done").touch()
+    except OSError as e:  # a read-only cache only costs time
+        print(f"specdec: could not cache the converted model in {entry}: {e}", file=sys.stderr)
+    return config, state, tokenizer
+
+
+# --- GGUF parsing ----------------------------------------------------------------------------------
 
 _GGUF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",

@@ -1,0 +1,131 @@
+"""The model against transformers' LlamaForCausalLM, and the KV cache's invariants."""
+
+import pytest
+import torch
+
+from kernels.tree_attention import tree_from_parents
+from tiny_models import hf_llama, ours_from_hf
+
+CONFIGS = {
+    "mha": dict(heads=4, kv_heads=4),
+    "gqa2": dict(heads=4, kv_heads=2),
+    "gqa3-odd": dict(hidden=54, heads=9, kv_heads=3, ffn=70, vocab=101),
+    "mqa": dict(hidden=36, heads=6, kv_heads=1),
+    "head-dim-not-hidden/heads": dict(hidden=40, heads=4, kv_heads=2, head_dim=12),
+    "tied": dict(tie=True),
+    "llama3-rope": dict(rope_scaling=True),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_transformers(name):
+    hf = hf_llama(**CONFIGS[name])
+    ours = ours_from_hf(hf).net
+    vocab = hf.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out = ours(ids, ours.new_cache(2, 128))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ours_from_hf(hf_llama(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48)).net
+
+
+def ids(n, seed=0, batch=1):
+    return torch.randint(0, 64, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_token_by_token_equals_all_at_once(tiny):
+    x = ids(17)
+    full = tiny(x, tiny.new_cache(1, 32))
+    cache = tiny.new_cache(1, 32)
+    steps = []
+    for t in range(17):
+        steps.append(tiny(x[:, t : t + 1], cache))
+        cache.advance(torch.ones(1, dtype=torch.int32))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_prefill_equals_all_at_once(tiny):
+    x = ids(20, seed=3)
+    full = tiny(x, tiny.new_cache(1, 32))
+    cache = tiny.new_cache(1, 32)
+    parts = []
+    for a, b in [(0, 7), (7, 8), (8, 20)]:
+        parts.append(tiny(x[:, a:b], cache))
+        cache.advance(torch.tensor([b - a], dtype=torch.int32))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_rollback_then_reappend_equals_never_appended(tiny):
+    x, junk = ids(10, seed=1), ids(6, seed=2)
+    clean = tiny.new_cache(1, 32)
+    tiny(x, clean)
+    clean.advance(torch.tensor([10], dtype=torch.int32))
+    dirty = tiny.new_cache(1, 32)
+    tiny(torch.cat([x, junk], dim=1), dirty)
+    dirty.advance(torch.tensor([16], dtype=torch.int32))
+    dirty.rollback(torch.tensor([10]))
+    nxt = ids(3, seed=4)
+    torch.testing.assert_close(tiny(nxt, dirty), tiny(nxt, clean), atol=1e-5, rtol=1e-5)
+
+
+def test_commit_tree_path_equals_feeding_only_the_path(tiny):
+    prefix = ids(9, seed=5)
+    #        node: 0   1  2  3  4  5  6  7
+    parents = torch.tensor([[-1, 0, 0, 1, 1, 3, 2, 5]])
+    tokens = ids(8, seed=6)
+    path = torch.tensor([[0, 1, 3, 5, 7]])  # root -> 1 -> 3 -> 5 -> 7
+    tree = tree_from_parents(parents)
+    depth = tree.sum(-1) - 1  # (1, N)
+
+    cache = tiny.new_cache(1, 32)
+    tiny(prefix, cache)
+    cache.advance(torch.tensor([9], dtype=torch.int32))
+    tree_logits = tiny(tokens, cache, positions=9 + depth, tree=tree)
+    cache.commit(path, torch.tensor([5]))
+
+    ref_cache = tiny.new_cache(1, 32)
+    tiny(prefix, ref_cache)
+    ref_cache.advance(torch.tensor([9], dtype=torch.int32))
+    path_logits = tiny(tokens[:, path[0]], ref_cache)
+    ref_cache.advance(torch.tensor([5], dtype=torch.int32))
+    # each node's logits in the tree equal the chain's at the same depth
+    torch.testing.assert_close(tree_logits[:, path[0]], path_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache.lens, ref_cache.lens)
+    n = int(cache.lens)
+    torch.testing.assert_close(cache.k[:, :, :, :n], ref_cache.k[:, :, :, :n], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cache.v[:, :, :, :n], ref_cache.v[:, :, :, :n], atol=1e-6, rtol=1e-6)
+    nxt = ids(2, seed=7)
+    torch.testing.assert_close(tiny(nxt, cache), tiny(nxt, ref_cache), atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_batch_equals_each_alone(tiny):
+    seqs = [ids(n, seed=10 + n)[0] for n in (3, 11, 1, 7)]
+    B, N = len(seqs), 11
+    tokens = torch.zeros(B, N, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        tokens[b, : len(s)] = s
+    lens = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
+    cache = tiny.new_cache(B, 32)
+    batch_logits = tiny(tokens, cache, num_new=lens)
+    cache.advance(lens)
+    nxt = ids(2, seed=20, batch=B)
+    batch_next = tiny(nxt, cache)
+    for b, s in enumerate(seqs):
+        alone = tiny.new_cache(1, 32)
+        logits = tiny(s.view(1, -1), alone)
+        alone.advance(torch.tensor([len(s)], dtype=torch.int32))
+        torch.testing.assert_close(batch_logits[b, : len(s)], logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batch_next[b], tiny(nxt[b : b + 1], alone)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_logits_at_selects_rows(tiny):
+    x = ids(8, seed=8, batch=2)
+    full = tiny(x, tiny.new_cache(2, 16))
+    at = torch.tensor([[7], [3]])
+    picked = tiny(x, tiny.new_cache(2, 16), logits_at=at)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(2), at[:, 0]], atol=1e-6, rtol=1e-6)
