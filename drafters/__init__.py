@@ -3,14 +3,23 @@
 from drafters.base import DraftTree, Drafter
 
 
-def _ngram(**options):
-    from drafters.ngram import NgramDrafter
+def _lazy(module: str, cls: str):
+    def factory(**options):
+        import importlib
 
-    return NgramDrafter(**options)
+        return getattr(importlib.import_module(module), cls)(**options)
+
+    return factory
 
 
 # name -> factory; "none" is plain autoregressive decoding (handled by specdec.generate)
-REGISTRY = {"ngram": _ngram}
+REGISTRY = {
+    "ngram": _lazy("drafters.ngram", "NgramDrafter"),
+    "sam": _lazy("drafters.suffix_automaton", "SAMDrafter"),
+    "suffix": _lazy("drafters.suffix_tree", "SuffixTreeDrafter"),
+    "recycle": _lazy("drafters.token_recycling", "TokenRecyclingDrafter"),
+    "hybrid": _lazy("drafters.hybrid", "HybridDrafter"),
+}
 
 
 def make_drafter(name, **options) -> Drafter:

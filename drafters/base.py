@@ -2,8 +2,10 @@
 
 A step of the engine, seen from a drafter:
 
+    drafter.prepare(vocab_size, device)     once per generate call, before anything else
     drafter.start(history, lens)            once, after the prompts (and the first token) are known
     draft = drafter.propose(history, lens, max_nodes)   each step, for every active request
+    drafter.observe(tokens, logits, num_nodes)          the verification forward's tree and logits
     drafter.update(history, lens, accepted)             after verification committed tokens
     drafter.retain(index)                               requests left the batch
 
@@ -51,17 +53,28 @@ class Drafter:
 
     name = "base"
 
+    def prepare(self, vocab_size: int, device) -> None:
+        """Once per generate call: the target's vocabulary size and device (where state should live)."""
+
     def start(self, history: torch.Tensor, lens: torch.Tensor) -> None:
-        pass
+        """The batch's prompts plus first tokens; row b is request b until `retain` reorders."""
 
     def propose(self, history: torch.Tensor, lens: torch.Tensor, max_nodes: int) -> DraftTree:
         return DraftTree.empty(history.shape[0], history.device)
+
+    def observe(self, tokens: torch.Tensor, logits: torch.Tensor, num_nodes: torch.Tensor) -> None:
+        """After each verification forward: the tree's tokens (B, N), the target's logits (B, N, V)
+        at every node, and the valid node counts (B,). Drafters that learn from the target
+        (Token Recycling) read it here; the default ignores it."""
 
     def update(self, history: torch.Tensor, lens: torch.Tensor, accepted: torch.Tensor) -> None:
         """`accepted` (B,) int64: how many tokens each request just committed (ends of history)."""
 
     def retain(self, index: torch.Tensor) -> None:
-        """Keep per-request state only for requests `index` (B',), in that order."""
+        """Keep per-request state only for requests `index` (B',), in that order.
+
+        Requests that leave are finished; the last `update` showed their final tokens, so a drafter
+        that learns from finished responses can take them from there before dropping them."""
 
     def finish(self) -> None:
         """The generate call is over (drafters that learn across requests learn here)."""

@@ -151,27 +151,84 @@ def autoregressive(model: Model, prompt_ids, max_new_tokens: int, params: Sampli
     return ids, dict(prefill_seconds=t_prefill, decode_steps=steps)
 
 
-def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None, chat=None,
-             **drafter_options) -> GenerationResult:
-    """Decode `prompts` (strings or token-id lists) as one batch; see README for the options.
+def _validate_draft_size(num_draft_tokens):
+    if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) or num_draft_tokens < 0:
+        raise ValueError(f"num_draft_tokens must be an integer >= 0, got {num_draft_tokens!r}")
 
-    Drafter "none" is plain autoregressive decoding. Returns texts, generated token ids
-    (without the prompt) and stats (tokens, seconds, tokens_per_s, ...).
-    """
-    params = SamplingParams(temperature, top_k, top_p, seed)
+
+def _prepare(model, prompts, max_new_tokens, drafter, num_draft_tokens, params, chat, drafter_options):
+    from drafters import make_drafter
+
     prompt_ids = encode_prompts(model, prompts, chat)
     check_lengths(model, prompt_ids, max_new_tokens)
-    if drafter != "none":
-        raise ValueError(f"unknown drafter {drafter!r}: available: 'none'")
-    if drafter_options:
-        raise TypeError(f"unexpected options for drafter 'none': {sorted(drafter_options)}")
+    _validate_draft_size(num_draft_tokens)
+    if isinstance(drafter, str) and drafter == "none":
+        if drafter_options:
+            raise TypeError(f"unexpected options for drafter 'none': {sorted(drafter_options)}")
+        return prompt_ids, None
+    return prompt_ids, make_drafter(drafter, **drafter_options)
+
+
+def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", num_draft_tokens: int = 8,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, chat=None, **drafter_options) -> GenerationResult:
+    """Decode `prompts` (strings or token-id lists) as one batch.
+
+    drafter: "none" (plain autoregressive decoding), a registered name ("ngram", ...) or a
+    `drafters.Drafter` instance; extra keyword arguments go to the drafter's constructor.
+    Greedy at temperature 0, else sampling (temperature, top_k, top_p), seeded per request.
+    Returns texts, generated token ids (without the prompt) and stats: tokens, seconds,
+    tokens_per_s, and with a drafter mean_accepted_tokens (per verification step, the model's
+    own token included), accepted_length_histogram and time_split.
+    """
+    from specdec.engine import speculative
+
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    prompt_ids, drafter_obj = _prepare(model, prompts, max_new_tokens, drafter, num_draft_tokens, params, chat,
+                                       drafter_options)
     t0 = time.perf_counter()
-    ids, stats = autoregressive(model, prompt_ids, max_new_tokens, params)
+    if drafter_obj is None:
+        ids, stats = autoregressive(model, prompt_ids, max_new_tokens, params)
+    else:
+        ids = [[] for _ in prompt_ids]
+        steps = speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens)
+        with torch.inference_mode():
+            while True:
+                try:
+                    rows, new = next(steps)
+                except StopIteration as stop:
+                    stats = stop.value.summary()
+                    break
+                for b, toks in zip(rows, new):
+                    ids[b].extend(toks)
     seconds = time.perf_counter() - t0
     tokens = sum(len(x) for x in ids)
-    stats = dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, drafter="none", **stats)
+    name = drafter if isinstance(drafter, str) else type(drafter).__name__
+    stats = dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, drafter=name, **stats)
     return GenerationResult(texts=decode(model, ids), token_ids=ids, stats=stats)
+
+
+def stream(model: Model, prompt, max_new_tokens: int = 128, drafter="ngram", num_draft_tokens: int = 8,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           seed: int | None = None, chat=None, **drafter_options):
+    """Yield the completion of one prompt as text pieces, as soon as each step accepts them."""
+    from drafters import Drafter
+    from specdec.engine import speculative
+
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    prompt_ids, drafter_obj = _prepare(model, [prompt] if isinstance(prompt, str) else prompt, max_new_tokens,
+                                       drafter, num_draft_tokens, params, chat, drafter_options)
+    if len(prompt_ids) != 1:
+        raise ValueError("stream takes one prompt")
+    drafter_obj = drafter_obj or Drafter()  # "none": the engine without drafts is AR decoding
+    ids, shown = [], ""
+    with torch.inference_mode():
+        for _, new in speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens):
+            ids.extend(new[0])
+            text = decode(model, [ids])[0]
+            if text != shown and not text.endswith("\ufffd"):  # hold back half a multi-byte character
+                yield text[len(shown):]
+                shown = text
 
 
 def decode(model: Model, ids) -> list[str]:

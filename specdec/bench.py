@@ -1,0 +1,196 @@
+"""`specdec bench`: Spec-Bench-style end-to-end comparison of drafters against AR decoding.
+
+Every method decodes the same questions with the same settings in one process, interleaved
+per question (so drift in machine speed hits all methods alike). Following Spec-Bench:
+    speedup  = mean over questions of the method's tokens/s  /  the same mean for "none"
+    MAT      = tokens added per verification step, averaged over all steps (model's own token included)
+A multi-turn question continues the conversation with the method's own earlier answer.
+"""
+
+import datetime
+import json
+import platform
+import random
+import time
+from collections import defaultdict
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from specdec.generate import generate
+
+
+def default_questions() -> Path:
+    return Path(resources.files("specdec") / "data" / "questions.jsonl")
+
+
+def load_questions(path=None, per_category=None, limit=None, seed=0):
+    path = Path(path) if path else default_questions()
+    if not path.exists():
+        raise FileNotFoundError(f"no question file at {path}")
+    questions = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        q = json.loads(line)
+        if not {"question_id", "category", "turns"} <= q.keys() or not q["turns"]:
+            raise ValueError(f"{path}:{n}: expected question_id, category and non-empty turns")
+        questions.append(q)
+    if per_category:  # a reproducible sample of every category
+        by_cat = defaultdict(list)
+        for q in questions:
+            by_cat[q["category"]].append(q)
+        rng = random.Random(seed)
+        questions = [q for cat in by_cat for q in sorted(rng.sample(by_cat[cat], min(per_category, len(by_cat[cat]))),
+                                                            key=lambda q: q["question_id"])]
+    return questions[:limit] if limit else questions
+
+
+def conversation_ids(tokenizer, messages):
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+class HFRunner:
+    """transformers' own generate on the same weights: greedy, or with prompt lookup decoding."""
+
+    def __init__(self, model_path, prompt_lookup: int):
+        from transformers import AutoModelForCausalLM
+
+        from specdec.loading import default_model_path
+
+        path = Path(model_path) if model_path else default_model_path()
+        kw = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent if kw else path), dtype=torch.float32,
+                                                          **kw).eval()
+        self.prompt_lookup = prompt_lookup
+
+    def __call__(self, ids, max_new_tokens, pad_id, eos_ids):
+        x = torch.tensor([ids])
+        extra = dict(prompt_lookup_num_tokens=self.prompt_lookup) if self.prompt_lookup else {}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=pad_id, eos_token_id=list(eos_ids), **extra)
+        seconds = time.perf_counter() - t0
+        new = out[0, len(ids):].tolist()
+        for i, t in enumerate(new):
+            if t in eos_ids:
+                new = new[: i + 1]
+                break
+        return new, seconds
+
+
+def run(model, questions, drafters, max_new_tokens=128, num_draft_tokens=8, temperature=0.0,
+        hf_reference=False, model_path=None, drafter_options=None, progress=True):
+    """Decode every question with "none" and each drafter; return the report dict."""
+    from tqdm import tqdm
+
+    methods = ["none"] + [d for d in drafters if d != "none"]
+    hf = {}
+    if hf_reference:
+        hf = {"hf": HFRunner(model_path, 0), "hf-prompt-lookup": HFRunner(model_path, 10)}
+    tok = model.tokenizer
+    eos_ids = set(model.config.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+    rows = []
+    for q in tqdm(questions, desc="bench", disable=not progress):
+        history = {m: [] for m in [*methods, *hf]}
+        for m in [*methods, *hf]:  # interleaved: every method runs this question before the next one
+            row = dict(question_id=q["question_id"], category=q["category"], method=m, tokens=0, seconds=0.0,
+                       steps=0, outputs=[])
+            for turn in q["turns"]:
+                history[m].append({"role": "user", "content": turn})
+                ids = conversation_ids(tok, history[m])
+                budget = min(max_new_tokens, model.config.max_context - len(ids))
+                if m in hf:
+                    new, seconds = hf[m](ids, budget, tok.pad_token_id, eos_ids)
+                    steps = None
+                else:
+                    opts = (drafter_options or {}).get(m, {})
+                    r = generate(model, [ids], max_new_tokens=budget, drafter=m, temperature=temperature,
+                                 num_draft_tokens=num_draft_tokens, seed=q["question_id"], **opts)
+                    new, seconds = r.token_ids[0], r.stats["seconds"]
+                    steps = r.stats.get("verify_steps", len(new))
+                row["tokens"] += len(new)
+                row["seconds"] += seconds
+                row["steps"] = None if steps is None else row["steps"] + steps
+                row["outputs"].append(new)
+                history[m].append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
+            rows.append(row)
+    return summarize(rows, [*methods, *hf], temperature, dict(
+        model=model.name, device=device_name(model.device), dtype=str(model.dtype).replace("torch.", ""),
+        max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, temperature=temperature,
+        questions=len(questions), threads=torch.get_num_threads(), date=datetime.date.today().isoformat()))
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def summarize(rows, methods, temperature, settings):
+    by = defaultdict(list)  # (method, category) -> rows; category "overall" holds all
+    for r in rows:
+        by[(r["method"], r["category"])].append(r)
+        by[(r["method"], "overall")].append(r)
+    categories = sorted({r["category"] for r in rows}) + ["overall"]
+    table = {}
+    for m in methods:
+        for c in categories:
+            rs, base = by[(m, c)], by[("none", c)]
+            tps = [r["tokens"] / r["seconds"] for r in rs]
+            base_tps = [r["tokens"] / r["seconds"] for r in base]
+            steps = [r["steps"] for r in rs]
+            entry = dict(tokens_per_s=sum(tps) / len(tps), speedup=(sum(tps) / len(tps)) / (sum(base_tps) / len(base_tps)))
+            entry["mean_accepted_tokens"] = (sum(r["tokens"] for r in rs) / sum(steps)) if None not in steps else None
+            table.setdefault(m, {})[c] = entry
+    report = dict(settings=settings, table=table, rows=rows)
+    if temperature == 0:
+        none_out = {r["question_id"]: r["outputs"] for r in rows if r["method"] == "none"}
+        report["greedy_mismatches"] = {
+            m: [r["question_id"] for r in rows if r["method"] == m and r["outputs"] != none_out[r["question_id"]]]
+            for m in methods if m != "none"}
+    return report
+
+
+def format_report(report) -> str:
+    s, table = report["settings"], report["table"]
+    methods = list(table)
+    cats = list(next(iter(table.values())))
+    lines = [f"model {s['model']} on {s['device']} ({s['dtype']}), {s['questions']} questions, "
+             f"max_new_tokens={s['max_new_tokens']}, draft tokens={s['num_draft_tokens']}, T={s['temperature']}"]
+    head = f"{'category':<16}" + "".join(f"{m:>28}" for m in methods)
+    lines += [head, f"{'':<16}" + "".join(f"{'tok/s  speedup   MAT':>28}" for _ in methods)]
+    for c in cats:
+        cells = []
+        for m in methods:
+            e = table[m][c]
+            mat = "-" if e["mean_accepted_tokens"] is None else f"{e['mean_accepted_tokens']:.2f}"
+            cells.append(f"{e['tokens_per_s']:>12.1f} {e['speedup']:>7.2f}x {mat:>6}")
+        lines.append(f"{c:<16}" + "".join(f"{x:>28}" for x in cells))
+    for m, bad in report.get("greedy_mismatches", {}).items():
+        verdict = "identical to 'none' on every question" if not bad else f"DIFFERS from 'none' on questions {bad}"
+        lines.append(f"greedy check: {m}: {verdict}")
+    return "\n".join(lines)
+
+
+def build_corpus(model, questions, max_new_tokens=256, batch_size=8, progress=True):
+    """The model's own greedy responses to every turn-1 prompt, as a Corpus."""
+    from tqdm import tqdm
+
+    from drafters.corpus import Corpus
+
+    prompts = [conversation_ids(model.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
+    responses = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="corpus", disable=not progress):
+        chunk = prompts[i : i + batch_size]
+        budget = min(max_new_tokens, model.config.max_context - max(len(p) for p in chunk))
+        responses += generate(model, chunk, max_new_tokens=budget).token_ids
+    return Corpus(responses, model.config.vocab_size)
+
+
+def exclude(questions, measured):
+    ids = {q["question_id"] for q in measured}
+    return [q for q in questions if q["question_id"] not in ids]

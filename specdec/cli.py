@@ -1,0 +1,140 @@
+"""Command line: `specdec generate "prompt"` and `specdec bench`."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _model_args(p):
+    p.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--num-draft-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+
+
+def _load(args):
+    from specdec import load_model
+
+    return load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+
+
+def cmd_generate(args):
+    from specdec import generate
+
+    model = _load(args)
+    r = generate(model, args.prompt, max_new_tokens=args.max_new_tokens, drafter=args.drafter,
+                 num_draft_tokens=args.num_draft_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, seed=args.seed, chat=not args.no_chat,
+                 **_drafter_options(args, [args.drafter]).get(args.drafter, {}))
+    print(r.texts[0])
+    s = r.stats
+    line = f"[{s['drafter']}] {s['tokens']} tokens in {s['seconds']:.2f} s = {s['tokens_per_s']:.1f} tokens/s"
+    if "mean_accepted_tokens" in s:
+        line += f", mean accepted tokens {s['mean_accepted_tokens']:.2f} over {s['verify_steps']} steps"
+    print(line, file=sys.stderr)
+
+
+CORPUS_DRAFTERS = ("sam", "suffix", "hybrid")
+
+
+def _drafter_options(args, names):
+    if not getattr(args, "corpus", None):
+        return {}
+    return {n: {"corpus": args.corpus} for n in names if n in CORPUS_DRAFTERS}
+
+
+def cmd_corpus(args):
+    from specdec import bench
+
+    questions = bench.load_questions(args.questions, per_category=args.per_category, seed=args.seed)
+    if args.exclude_sample:  # never learn from what the benchmark will measure
+        measured = bench.load_questions(args.questions, per_category=args.exclude_sample)
+        questions = bench.exclude(questions, measured)
+    if args.limit:
+        questions = questions[: args.limit]
+    if not questions:
+        raise ValueError("no questions left to build a corpus from")
+    model = _load(args)
+    corpus = bench.build_corpus(model, questions, max_new_tokens=args.max_new_tokens)
+    out = Path(args.out) if args.out else default_corpus_path(model)
+    corpus.save(out)
+    print(f"corpus of {len(corpus)} responses, {corpus.tokens.size} tokens -> {out}")
+
+
+def default_corpus_path(model):
+    from specdec.loading import cache_dir
+
+    return cache_dir() / "corpus" / f"{model.name}.npz"
+
+
+def cmd_bench(args):
+    from specdec import bench
+
+    questions = bench.load_questions(args.questions, per_category=args.per_category, limit=args.limit)
+    model = _load(args)
+    drafters = [d for d in args.drafters.split(",") if d]
+    report = bench.run(model, questions, drafters, max_new_tokens=args.max_new_tokens,
+                       num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
+                       hf_reference=args.hf_reference, model_path=args.model,
+                       drafter_options=_drafter_options(args, drafters))
+    print(bench.format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    if any(report.get("greedy_mismatches", {}).values()):
+        sys.exit(1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt and print one stats line")
+    g.add_argument("prompt")
+    _model_args(g)
+    g.add_argument("--drafter", default="ngram", help="none, ngram, ...")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/hybrid (see `specdec corpus`)")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="Spec-Bench-style comparison against autoregressive decoding")
+    b.add_argument("--questions", default=None, help="Spec-Bench-format JSONL (default: a small built-in set)")
+    b.add_argument("--per-category", type=int, default=None, help="sample this many questions per category")
+    b.add_argument("--limit", type=int, default=None)
+    b.add_argument("--drafters", default="ngram", help="comma-separated; 'none' always runs")
+    b.add_argument("--hf-reference", action="store_true",
+                   help="add transformers' generate, greedy and with prompt lookup, as reference rows")
+    b.add_argument("--out", default=None, help="write the JSON report here")
+    b.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/hybrid (see `specdec corpus`)")
+    _model_args(b)
+    b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("corpus", help="build a drafting corpus from the model's own responses")
+    c.add_argument("--questions", default=None, help="Spec-Bench-format JSONL of prompts (turn 1 is used)")
+    c.add_argument("--per-category", type=int, default=None, help="sample this many questions per category")
+    c.add_argument("--seed", type=int, default=1, help="sampling seed (bench samples with seed 0)")
+    c.add_argument("--exclude-sample", type=int, default=None, metavar="N",
+                   help="leave out the questions `bench --per-category N` measures")
+    c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--out", default=None, help="default: the cache's corpus/<model>.npz")
+    _model_args(c)
+    c.set_defaults(func=cmd_corpus, max_new_tokens=256)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        parser.exit(2, f"specdec: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

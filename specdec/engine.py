@@ -1,0 +1,194 @@
+"""The speculative decoding engine: draft -> verify (one forward) -> accept (one kernel) -> commit.
+
+Invariant between steps, per active request b:
+    history[b, :lens[b]]  prompt + every committed token; the last one is the ROOT, already
+                          chosen but not yet in the KV cache, so cache.lens[b] == lens[b] - 1.
+A step feeds the root and its draft tree (node 0 = root, nodes 1.. = drafts) through the model
+in one forward, verifies the tree against the target's logits, keeps the root and the accepted
+path in the cache, and appends the accepted tokens plus the next token (bonus or resampled) to
+the history; that next token is the new root. Lossless by construction: the verification rule
+emits exactly the target's greedy choice or a draw from the target's distribution.
+"""
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from drafters.base import Drafter, DraftTree
+from kernels.sampling import uniforms
+from kernels.tree_attention import tree_from_parents
+from kernels.verify import VerifyResult, sample_tokens, verify
+from specdec.generate import SamplingParams, eos_tensor, prefill
+from specdec.loading import Model
+from specdec.profiling import nvtx_range
+
+
+@dataclass
+class StepStats:
+    """What one generate call's speculation did; `summary()` goes into GenerationResult.stats."""
+
+    steps: int = 0  # verification steps
+    tokens: int = 0  # tokens added by those steps (the model's own token included)
+    accept_hist: Counter = field(default_factory=Counter)  # accepted draft tokens per request-step
+    seconds: dict = field(default_factory=lambda: {"draft": 0.0, "verify": 0.0, "bookkeeping": 0.0})
+
+    def summary(self) -> dict:
+        request_steps = sum(self.accept_hist.values())
+        return dict(
+            verify_steps=self.steps,
+            mean_accepted_tokens=self.tokens / max(request_steps, 1),
+            accepted_length_histogram=dict(sorted(self.accept_hist.items())),
+            time_split={k: round(v, 6) for k, v in self.seconds.items()},
+        )
+
+
+@dataclass
+class Batch:
+    """Per-request state of the requests still decoding (row b of every tensor is one request)."""
+
+    ids: torch.Tensor  # (B,) original request index
+    history: torch.Tensor  # (B, T) int64
+    lens: torch.Tensor  # (B,) int64
+    generated: torch.Tensor  # (B,) int64 tokens generated so far
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    seeds: torch.Tensor
+    offsets: torch.Tensor  # (B,) int64 random-number counters
+
+    def keep(self, index: torch.Tensor) -> "Batch":
+        return Batch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
+
+
+def pack(roots: torch.Tensor, draft: DraftTree):
+    """The verification tree: node 0 = root, node k + 1 = draft node k.
+
+    Returns tokens (B, N), parents (B, N), num_nodes (B,), with N = 1 + draft width.
+    """
+    B = roots.shape[0]
+    # Verify no wider than the widest real draft: padding nodes cost a forward's worth of rows.
+    # (One host sync; a drafter with nothing to say makes this a plain AR step.)
+    width = int(draft.count.max()) if draft.count.numel() else 0
+    tokens = torch.cat([roots.view(B, 1), draft.tokens[:, :width]], dim=1)
+    dp = draft.parents[:, :width]
+    parents = torch.cat([torch.full((B, 1), -1, dtype=torch.int64, device=roots.device), dp + 1], dim=1)
+    k = torch.arange(tokens.shape[1], device=roots.device).view(1, -1)
+    num_nodes = 1 + draft.count
+    parents = torch.where(k < num_nodes.view(B, 1), parents, -1)  # padding nodes: lone roots
+    parents[:, 0] = -1
+    return tokens, parents, num_nodes
+
+
+def verify_forward(net, cache, tokens, parents, num_nodes):
+    """One forward over every request's tree: logits (B, N, V) for every node."""
+    tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
+    depth = tree.sum(-1) - 1  # (B, N)
+    positions = cache.lens.long().view(-1, 1) + depth
+    return net(tokens, cache, positions=positions, num_new=num_nodes.to(torch.int32), tree=tree)
+
+
+def commit(cache, result: VerifyResult):
+    """Keep the root and the accepted path in the KV cache."""
+    B = result.accept_len.shape[0]
+    path = torch.cat([torch.zeros(B, 1, dtype=torch.int64, device=result.accept_len.device),
+                      result.accept_nodes.clamp(min=0)], dim=1)
+    cache.commit(path, 1 + result.accept_len)
+
+
+def emitted_tokens(result: VerifyResult, remaining: torch.Tensor, eos: torch.Tensor):
+    """Tokens this step adds per request (accepted drafts, then the next token), clipped at
+    the token budget and just after the first EOS. Returns tokens (B, N), count (B,), hit_eos (B,)."""
+    B, N = result.accept_tokens.shape
+    j = torch.arange(N + 1, device=remaining.device).view(1, -1)
+    out = torch.cat([result.accept_tokens, torch.full((B, 1), -1, device=remaining.device, dtype=torch.int64)], 1)
+    out = torch.where(j == result.accept_len.view(B, 1), result.next_token.view(B, 1), out)
+    count = torch.minimum(result.accept_len + 1, remaining)
+    is_eos = torch.isin(out, eos) & (j < count.view(B, 1))
+    hit_eos = is_eos.any(dim=1)
+    first_eos = torch.where(is_eos, j, N + 1).min(dim=1).values
+    count = torch.where(hit_eos, first_eos + 1, count)
+    return out, count, hit_eos
+
+
+def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingParams, drafter: Drafter,
+                num_draft_tokens: int):
+    """Decode with speculation; yields (request ids, new tokens per request) after every step.
+
+    The first yield is the first token of every request (from the prefill's logits); the
+    generator's return value is the StepStats.
+    """
+    net, device = model.net, model.device
+    B, K = len(prompt_ids), num_draft_tokens
+    temperature, top_k, top_p, seeds = params.tensors(B, device)
+    eos = eos_tensor(model, device)
+    lmax = max(len(p) for p in prompt_ids)
+    capacity = lmax + max_new_tokens + K + 1  # room for a full tree past the last committed token
+    history = torch.zeros(B, capacity, dtype=torch.int64)
+    for b, p in enumerate(prompt_ids):
+        history[b, : len(p)] = torch.tensor(p)
+    lens = torch.tensor([len(p) for p in prompt_ids], dtype=torch.int64, device=device)
+    cache = net.new_cache(B, capacity)
+    stats = StepStats()
+
+    logits = prefill(net, cache, prompt_ids)
+    zero = torch.zeros(B, dtype=torch.int64, device=device)
+    first = sample_tokens(logits, temperature, top_k, top_p, uniforms(seeds, zero, 1)[:, 0])
+    s = Batch(torch.arange(B, device=device), history.to(device), lens, torch.ones_like(lens),
+              temperature, top_k, top_p, seeds, zero + 1)
+    s.history[torch.arange(B, device=device), s.lens] = first
+    s.lens += 1
+    done = torch.isin(first, eos) | (max_new_tokens <= 1)
+    yield s.ids.tolist(), [[t] for t in first.tolist()]
+    drafter.prepare(model.config.vocab_size, device)
+    drafter.start(s.history, s.lens)
+
+    while True:
+        if bool(done.any()):
+            index = (~done).nonzero()[:, 0]
+            if index.numel() == 0:
+                break
+            s = s.keep(index)
+            cache.reorder(index)
+            drafter.retain(index)
+        Bn = s.ids.shape[0]
+        t0 = time.perf_counter()
+        with nvtx_range("draft"):
+            budget = int(min(K, max_new_tokens - 1))  # drafts past the token budget are wasted
+            draft = drafter.propose(s.history, s.lens, budget) if budget > 0 else DraftTree.empty(Bn, device)
+        t1 = time.perf_counter()
+        with nvtx_range("verify"):
+            roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))[:, 0]
+            tokens, parents, num_nodes = pack(roots, draft)
+            logits = verify_forward(net, cache, tokens, parents, num_nodes)
+            drafter.observe(tokens, logits, num_nodes)
+            N = tokens.shape[1]
+            u = uniforms(s.seeds, s.offsets, N)
+            probs = None if draft.probs is None else draft.probs[:, :N]
+            result = verify(logits, tokens, parents, num_nodes, s.temperature, s.top_k, s.top_p, u,
+                            probs, draft.siblings)
+        t2 = time.perf_counter()
+        with nvtx_range("commit"):
+            s.offsets += N
+            commit(cache, result)
+            out, count, hit_eos = emitted_tokens(result, max_new_tokens - s.generated, eos)
+            rows = torch.arange(Bn, device=device).view(Bn, 1)
+            j = torch.arange(out.shape[1], device=device).view(1, -1)
+            slots = (s.lens.view(Bn, 1) + j).clamp(max=capacity - 1)
+            write = j < count.view(Bn, 1)
+            s.history[rows.expand_as(slots)[write], slots[write]] = out[write]
+            s.lens += count
+            s.generated += count
+            done = hit_eos | (s.generated >= max_new_tokens)
+            drafter.update(s.history, s.lens, count)
+            host_out, host_count, accepted = out.tolist(), count.tolist(), result.accept_len.tolist()
+        t3 = time.perf_counter()
+        stats.steps += 1
+        stats.tokens += sum(host_count)
+        stats.accept_hist.update(accepted)
+        for k, dt in zip(("draft", "verify", "bookkeeping"), (t1 - t0, t2 - t1, t3 - t2)):
+            stats.seconds[k] += dt
+        yield s.ids.tolist(), [row[:c] for row, c in zip(host_out, host_count)]
+    drafter.finish()
+    return stats

@@ -1,0 +1,70 @@
+"""`specdec bench` and `specdec corpus` on the real model with tiny budgets, and the report's arithmetic."""
+
+import json
+
+import pytest
+
+import specdec
+from specdec import bench
+from specdec.cli import main
+
+
+def test_summary_follows_spec_bench():
+    rows = [  # two questions; "ngram" is 2x then 4x as fast as "none"
+        dict(question_id=1, category="a", method="none", tokens=10, seconds=1.0, steps=10, outputs=[[1]]),
+        dict(question_id=1, category="a", method="ngram", tokens=10, seconds=0.5, steps=4, outputs=[[1]]),
+        dict(question_id=2, category="b", method="none", tokens=30, seconds=1.0, steps=30, outputs=[[2]]),
+        dict(question_id=2, category="b", method="ngram", tokens=30, seconds=0.25, steps=6, outputs=[[3]]),
+    ]
+    r = bench.summarize(rows, ["none", "ngram"], 0.0, {})
+    # speedup = mean tokens/s of the method over that of "none": (20 + 120) / 2 / ((10 + 30) / 2)
+    assert r["table"]["ngram"]["overall"]["speedup"] == pytest.approx(140 / 40)
+    assert r["table"]["ngram"]["overall"]["mean_accepted_tokens"] == pytest.approx(40 / 10)
+    assert r["table"]["ngram"]["a"]["speedup"] == pytest.approx(2.0)
+    assert r["greedy_mismatches"] == {"ngram": [2]}
+
+
+def test_questions_sampling_and_errors(tmp_path):
+    qs = bench.load_questions()
+    assert len({q["category"] for q in qs}) == len(qs) == 13
+    assert bench.load_questions(per_category=1) == bench.load_questions(per_category=1)
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": 1, "turns": ["hi"]}) + "\n")
+    with pytest.raises(ValueError, match="category"):
+        bench.load_questions(tmp_path / "q.jsonl")
+    with pytest.raises(FileNotFoundError):
+        bench.load_questions(tmp_path / "none.jsonl")
+
+
+@pytest.mark.slow
+def test_bench_runs_and_checks_greedy_outputs(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    main(["bench", "--limit", "2", "--max-new-tokens", "12", "--drafters", "ngram", "--device", "cpu",
+          "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "greedy check: ngram: identical to 'none' on every question" in text
+    report = json.loads(out.read_text())
+    assert set(report["table"]) == {"none", "ngram"}
+    assert report["greedy_mismatches"] == {"ngram": []}
+    assert report["table"]["none"]["overall"]["speedup"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_corpus_command_excludes_the_measured_sample(tmp_path):
+    from drafters.corpus import Corpus
+
+    questions = tmp_path / "q.jsonl"
+    topics = ["cats", "rivers", "bread"]
+    questions.write_text("".join(json.dumps({"question_id": i, "category": "a", "turns": [f"One line on {t}."]}) + "\n"
+                                 for i, t in enumerate(topics)))
+    out = tmp_path / "c.npz"
+    main(["corpus", "--questions", str(questions), "--exclude-sample", "1", "--max-new-tokens", "8",
+          "--out", str(out), "--device", "cpu"])
+    assert len(Corpus.load(out)) == 2  # the one question bench would measure is left out
+    with pytest.raises(SystemExit):
+        main(["corpus", "--exclude-sample", "1", "--out", str(out), "--device", "cpu"])
+
+
+def test_cli_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "hello", "--model", "/nonexistent.gguf"])
+    assert e.value.code == 2 and "no model at" in capsys.readouterr().err
