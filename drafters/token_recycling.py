@@ -1,0 +1,152 @@
+"""Token Recycling (Luo et al., 2024, "Turning Trash into Treasure"): draft from the target's own
+discarded candidates.
+
+Every verification forward computes the target's distribution after every tree node, and all but
+the accepted path's are normally thrown away. Token Recycling keeps them in an adjacency matrix
+
+    M (V, k) int64:  M[t] = the top-k tokens the target last predicted right after token t
+
+and drafts by walking M from the root along a fixed tree TEMPLATE: a list of nodes (parent, rank),
+parent -1 for a child of the root, meaning "this node's token is the rank-th candidate after its
+parent's token":
+
+    token(node) = M[token(parent), rank]            (token(-1) = the root)
+
+so a draft is a few gathers, and learning (`observe`) is one top-k and one scatter per step:
+
+    M[tokens[b, n]] <- topk(logits[b, n], k).indices     for every valid node n of every request b
+
+Where one token occurs at several nodes of a step, any one of those writes wins (index_copy_
+with repeated indices does not say which); each is a fresh top-k after that token. The matrix is not reset between
+generate calls on the same vocabulary and device: as in the paper it keeps warming up across
+requests (`reset()` starts cold). A cold row is the placeholder M[t, j] = (t + 1 + j) % V: no
+information, but distinct within a row, so a cold tree has no duplicate siblings.
+
+Template order: the default template is built best-first from a prior on how often the rank-r
+candidate is the target's next token (node score = product of its path's priors), so parents
+precede children, siblings come in rank order and EVERY PREFIX is the best tree of that size
+under the prior; `max_nodes` keeps a prefix. A user template must satisfy the same (checked).
+
+Shapes: B batch, T history width, V vocab, N verified nodes, K draft nodes, k candidates per token.
+"""
+
+import heapq
+
+import torch
+
+from drafters.base import Drafter, DraftTree
+
+# P(the target's next token is the rank-r recycled candidate), a rough shape: the top candidate
+# is right about half the time, the rest share a long tail. Only the ORDER of products matters.
+RANK_PRIOR = (0.5, 0.16, 0.09, 0.06, 0.045, 0.035, 0.03, 0.025)
+
+
+def default_tree(size: int = 80, top_k: int = 8, max_depth: int = 8) -> list[tuple[int, int]]:
+    """The `size` likeliest nodes under RANK_PRIOR, best first: [(parent, rank), ...].
+
+    80 nodes, top_k 8: widths 8, 23, 28, 13, 6, 1, 1 at depths 1..7, like the paper's static tree
+    (wide near the root, a thin spine of top-1 candidates reaching deep).
+    """
+    prior = RANK_PRIOR[:top_k] + (RANK_PRIOR[-1],) * max(0, top_k - len(RANK_PRIOR))
+    heap = [(-prior[r], r, -1, 1) for r in range(top_k)]  # (-score, rank, parent, depth)
+    nodes = []
+    while heap and len(nodes) < size:
+        neg_score, rank, parent, depth = heapq.heappop(heap)
+        nodes.append((parent, rank))
+        if depth < max_depth:
+            for r in range(top_k):
+                heapq.heappush(heap, (neg_score * prior[r], r, len(nodes) - 1, depth + 1))
+    return nodes
+
+
+def check_tree(tree, top_k: int) -> list[tuple[int, int]]:
+    """A template as a list of (parent, rank) int pairs; raises unless it is a valid tree."""
+    nodes, seen = [], set()
+    for i, node in enumerate(tree):
+        parent, rank = (int(x) for x in node)
+        if not -1 <= parent < i:
+            raise ValueError(f"template node {i}: parent {parent} must be -1 or an earlier node")
+        if not 0 <= rank < top_k:
+            raise ValueError(f"template node {i}: rank {rank} outside [0, top_k={top_k})")
+        if (parent, rank) in seen:
+            raise ValueError(f"template node {i}: (parent {parent}, rank {rank}) appears twice")
+        seen.add((parent, rank))
+        nodes.append((parent, rank))
+    return nodes
+
+
+def template_levels(tree, device):
+    """Per depth 1, 2, ...: (node indices, parent indices, ranks), each (n_d,) int64 on `device`."""
+    depth = []
+    for parent, _ in tree:
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+    levels = []
+    for d in range(1, max(depth, default=0) + 1):
+        idx = [i for i, x in enumerate(depth) if x == d]
+        levels.append(tuple(torch.tensor(v, dtype=torch.int64, device=device) for v in
+                            (idx, [tree[i][0] for i in idx], [tree[i][1] for i in idx])))
+    return levels
+
+
+class TokenRecyclingDrafter(Drafter):
+    """Drafts a fixed-shape tree from an adjacency matrix of the target's recent top-k candidates.
+
+    top_k: candidates kept per token (the matrix's width); tree: the template [(parent, rank)],
+    best first (default: `default_tree(80, top_k)`), truncated to max_nodes at each propose.
+    """
+
+    name = "recycle"
+
+    def __init__(self, top_k: int = 8, tree=None):
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        self.top_k = top_k
+        self.tree = check_tree(default_tree(80, top_k) if tree is None else tree, top_k)
+        self.M = None  # (V, k) view of _table
+        self._table = None  # (V + 1, k): row V is a sink for padding nodes' writes
+        self._levels = {}  # (K, device) -> (template_levels, parents (K,)) of the K-node prefix
+
+    def prepare(self, vocab_size: int, device) -> None:
+        device = torch.empty(0, device=device).device  # canonical: "cuda" -> "cuda:0"
+        if self.M is not None and self.M.shape[0] == vocab_size and self.M.device == device:
+            return  # keep what earlier calls learned
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k ({self.top_k}) exceeds the vocabulary ({vocab_size})")
+        j = torch.arange(self.top_k, device=device)
+        t = torch.arange(vocab_size + 1, device=device).view(-1, 1)
+        self._table = (t + 1 + j) % vocab_size  # (V + 1, k) cold placeholder
+        self.M = self._table[:vocab_size]
+
+    def reset(self) -> None:
+        """Forget everything learned (the next prepare allocates a cold matrix)."""
+        self.M = self._table = None
+
+    def observe(self, tokens: torch.Tensor, logits: torch.Tensor, num_nodes: torch.Tensor) -> None:
+        B, N = tokens.shape
+        V = self.M.shape[0]
+        cand = logits.topk(self.top_k, dim=-1).indices  # (B, N, k)
+        valid = torch.arange(N, device=tokens.device).view(1, N) < num_nodes.view(B, 1)  # (B, N)
+        # Padding nodes write to the sink row V: no mask-and-compact, so no host sync.
+        rows = torch.where(valid, tokens, V).view(B * N)
+        self._table.index_copy_(0, rows, cand.view(B * N, self.top_k))
+
+    def propose(self, history: torch.Tensor, lens: torch.Tensor, max_nodes: int) -> DraftTree:
+        B = history.shape[0]
+        K = min(max_nodes, len(self.tree))
+        if K <= 0 or B == 0:
+            return DraftTree.empty(B, history.device)
+        if self.M is None:
+            raise RuntimeError("TokenRecyclingDrafter.propose before prepare(vocab_size, device)")
+        key = (K, history.device)
+        if key not in self._levels:
+            parents = torch.tensor([p for p, _ in self.tree[:K]], dtype=torch.int64, device=history.device)
+            self._levels[key] = template_levels(self.tree[:K], history.device), parents
+        levels, parents = self._levels[key]
+        flat = self.M.reshape(-1)  # (V * k,)
+        # Column 0 is the root, column i + 1 node i, so a parent index p reads column p + 1.
+        tok = torch.zeros(B, K + 1, dtype=torch.int64, device=history.device)  # (B, 1 + K)
+        tok[:, 0] = history.gather(1, (lens - 1).view(B, 1)).view(B)
+        for idx, par, rank in levels:  # one gather per depth level
+            tok[:, idx + 1] = flat[tok[:, par + 1] * self.top_k + rank]  # (B, n_d)
+        count = torch.full((B,), K, dtype=torch.int64, device=history.device)
+        return DraftTree(tok[:, 1:], parents.expand(B, K).contiguous(), count)
