@@ -8,11 +8,16 @@ from pathlib import Path
 import torch
 
 
+def _draft_size(text):
+    return text if text == "auto" else int(text)
+
+
 def _model_args(p):
     p.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--num-draft-tokens", type=int, default=8)
+    p.add_argument("--num-draft-tokens", type=_draft_size, default="auto",
+                   help="draft tokens per step, or 'auto' (the hardware-aware controller; default)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
 

@@ -62,6 +62,13 @@ class Batch:
         return Batch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
+def truncate(draft: DraftTree, width: int) -> DraftTree:
+    """The first `width` nodes of every tree (a prefix of a tree is a tree: parents come first)."""
+    probs = None if draft.probs is None else draft.probs[:, : width + 1]
+    return DraftTree(draft.tokens[:, :width], draft.parents[:, :width], draft.count.clamp(max=width), probs,
+                     draft.siblings, draft.match_len)
+
+
 def pack(roots: torch.Tensor, draft: DraftTree):
     """The verification tree: node 0 = root, node k + 1 = draft node k.
 
@@ -81,9 +88,8 @@ def pack(roots: torch.Tensor, draft: DraftTree):
     return tokens, parents, num_nodes
 
 
-def verify_forward(net, cache, tokens, parents, num_nodes):
+def verify_forward(net, cache, tokens, tree, num_nodes):
     """One forward over every request's tree: logits (B, N, V) for every node."""
-    tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
     depth = tree.sum(-1) - 1  # (B, N)
     positions = cache.lens.long().view(-1, 1) + depth
     return net(tokens, cache, positions=positions, num_new=num_nodes.to(torch.int32), tree=tree)
@@ -113,14 +119,16 @@ def emitted_tokens(result: VerifyResult, remaining: torch.Tensor, eos: torch.Ten
 
 
 def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingParams, drafter: Drafter,
-                num_draft_tokens: int):
+                num_draft_tokens, controller=None):
     """Decode with speculation; yields (request ids, new tokens per request) after every step.
 
-    The first yield is the first token of every request (from the prefill's logits); the
-    generator's return value is the StepStats.
+    num_draft_tokens: an int, or "auto" with a `controller` (specdec.controller) choosing it
+    each step. The first yield is the first token of every request (from the prefill's
+    logits); the generator's return value is the StepStats.
     """
     net, device = model.net, model.device
-    B, K = len(prompt_ids), num_draft_tokens
+    B = len(prompt_ids)
+    K = controller.max_k if num_draft_tokens == "auto" else num_draft_tokens
     temperature, top_k, top_p, seeds = params.tensors(B, device)
     eos = eos_tensor(model, device)
     lmax = max(len(p) for p in prompt_ids)
@@ -157,11 +165,14 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         with nvtx_range("draft"):
             budget = int(min(K, max_new_tokens - 1))  # drafts past the token budget are wasted
             draft = drafter.propose(s.history, s.lens, budget) if budget > 0 else DraftTree.empty(Bn, device)
+            if controller is not None:
+                draft = truncate(draft, controller.choose(Bn, draft.match_len))
         t1 = time.perf_counter()
         with nvtx_range("verify"):
             roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))[:, 0]
             tokens, parents, num_nodes = pack(roots, draft)
-            logits = verify_forward(net, cache, tokens, parents, num_nodes)
+            tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
+            logits = verify_forward(net, cache, tokens, tree, num_nodes)
             drafter.observe(tokens, logits, num_nodes)
             N = tokens.shape[1]
             u = uniforms(s.seeds, s.offsets, N)
@@ -184,6 +195,10 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             drafter.update(s.history, s.lens, count)
             host_out, host_count, accepted = out.tolist(), count.tolist(), result.accept_len.tolist()
         t3 = time.perf_counter()
+        if controller is not None:
+            node = torch.arange(N, device=device).view(1, -1)
+            depth = torch.where(node < num_nodes.view(-1, 1), tree.sum(-1) - 1, 0)
+            controller.observe(depth.max(dim=1).values, result.accept_len, draft.match_len, t1 - t0)
         stats.steps += 1
         stats.tokens += sum(host_count)
         stats.accept_hist.update(accepted)

@@ -152,8 +152,19 @@ def autoregressive(model: Model, prompt_ids, max_new_tokens: int, params: Sampli
 
 
 def _validate_draft_size(num_draft_tokens):
+    if num_draft_tokens == "auto":
+        return
     if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) or num_draft_tokens < 0:
-        raise ValueError(f"num_draft_tokens must be an integer >= 0, got {num_draft_tokens!r}")
+        raise ValueError(f"num_draft_tokens must be an integer >= 0 or 'auto', got {num_draft_tokens!r}")
+
+
+def make_controller(model: Model, num_draft_tokens, max_k: int = 16):
+    """A speculation-length controller for "auto" (its cost curve is measured once, then cached)."""
+    if num_draft_tokens != "auto":
+        return None
+    from specdec.controller import CostModel, SpeculationController
+
+    return SpeculationController(CostModel.cached(model.net, model.name), max_k=max_k)
 
 
 def _prepare(model, prompts, max_new_tokens, drafter, num_draft_tokens, params, chat, drafter_options):
@@ -169,13 +180,15 @@ def _prepare(model, prompts, max_new_tokens, drafter, num_draft_tokens, params, 
     return prompt_ids, make_drafter(drafter, **drafter_options)
 
 
-def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", num_draft_tokens: int = 8,
+def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", num_draft_tokens="auto",
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, chat=None, **drafter_options) -> GenerationResult:
     """Decode `prompts` (strings or token-id lists) as one batch.
 
     drafter: "none" (plain autoregressive decoding), a registered name ("ngram", ...) or a
     `drafters.Drafter` instance; extra keyword arguments go to the drafter's constructor.
+    num_draft_tokens: draft tree size per step, or "auto": chosen each step by the
+    hardware-aware controller (specdec.controller) from the measured verification cost.
     Greedy at temperature 0, else sampling (temperature, top_k, top_p), seeded per request.
     Returns texts, generated token ids (without the prompt) and stats: tokens, seconds,
     tokens_per_s, and with a drafter mean_accepted_tokens (per verification step, the model's
@@ -191,7 +204,8 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", n
         ids, stats = autoregressive(model, prompt_ids, max_new_tokens, params)
     else:
         ids = [[] for _ in prompt_ids]
-        steps = speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens)
+        steps = speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens,
+                            make_controller(model, num_draft_tokens))
         with torch.inference_mode():
             while True:
                 try:
@@ -208,7 +222,7 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", n
     return GenerationResult(texts=decode(model, ids), token_ids=ids, stats=stats)
 
 
-def stream(model: Model, prompt, max_new_tokens: int = 128, drafter="ngram", num_draft_tokens: int = 8,
+def stream(model: Model, prompt, max_new_tokens: int = 128, drafter="ngram", num_draft_tokens="auto",
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, chat=None, **drafter_options):
     """Yield the completion of one prompt as text pieces, as soon as each step accepts them."""
@@ -223,7 +237,8 @@ def stream(model: Model, prompt, max_new_tokens: int = 128, drafter="ngram", num
     drafter_obj = drafter_obj or Drafter()  # "none": the engine without drafts is AR decoding
     ids, shown = [], ""
     with torch.inference_mode():
-        for _, new in speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens):
+        for _, new in speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens,
+                                  make_controller(model, num_draft_tokens)):
             ids.extend(new[0])
             text = decode(model, [ids])[0]
             if text != shown and not text.endswith("\ufffd"):  # hold back half a multi-byte character
