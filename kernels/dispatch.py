@@ -5,6 +5,7 @@ CUDA tensors run the Triton kernel; anything else runs the PyTorch reference.
 (Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before triton is imported).
 """
 
+import contextlib
 import os
 
 import torch
@@ -23,3 +24,13 @@ def use_triton(t: torch.Tensor) -> bool:
             raise RuntimeError("SPECDEC_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")
         return True
     return t.is_cuda
+
+
+_NULL = contextlib.nullcontext()
+
+
+def nvtx_range(name: str):
+    """An NVTX range for Nsight when `SPECDEC_NVTX=1` and CUDA is available; else a shared no-op."""
+    if os.environ.get("SPECDEC_NVTX") != "1" or not torch.cuda.is_available():
+        return _NULL
+    return torch.cuda.nvtx.range(name)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import nvtx_range, use_triton
 
 
 @dataclass
@@ -371,6 +371,6 @@ def tree_attention(q, k_cache, v_cache, batch: AttentionBatch, scale=None):
 
     q (B, N, H, D); k_cache, v_cache (B, Hkv, S, D); returns (B, N, H, D) in q's dtype.
     """
-    if use_triton(q):
-        return tree_attention_triton(q, k_cache, v_cache, batch, scale)
-    return tree_attention_reference(q, k_cache, v_cache, batch, scale)
+    fn = tree_attention_triton if use_triton(q) else tree_attention_reference
+    with nvtx_range("tree_attention"):
+        return fn(q, k_cache, v_cache, batch, scale)

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import nvtx_range, use_triton
 from kernels.sampling import filtered_probs, sample, sample_inverse_cdf
 
 RESIDUAL_EPS = 1e-6
@@ -440,7 +440,8 @@ def verify(logits, tokens, parents, num_nodes, temperature, top_k, top_p, unifor
            draft_probs=None, siblings="iid") -> VerifyResult:
     """Accept a prefix of each request's draft tree and draw the next token (shapes in the module doc)."""
     fn = verify_triton if use_triton(logits) else verify_reference
-    return fn(logits, tokens, parents, num_nodes, temperature, top_k, top_p, uniforms, draft_probs, siblings)
+    with nvtx_range("verify_kernel"):
+        return fn(logits, tokens, parents, num_nodes, temperature, top_k, top_p, uniforms, draft_probs, siblings)
 
 
 def sample_tokens(logits, temperature, top_k, top_p, u):

@@ -168,12 +168,14 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             if controller is not None:
                 draft = truncate(draft, controller.choose(Bn, draft.match_len))
         t1 = time.perf_counter()
-        with nvtx_range("verify"):
+        with nvtx_range("verify_forward"):
             roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))[:, 0]
             tokens, parents, num_nodes = pack(roots, draft)
             tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
             logits = verify_forward(net, cache, tokens, tree, num_nodes)
+        with nvtx_range("observe"):
             drafter.observe(tokens, logits, num_nodes)
+        with nvtx_range("accept"):
             N = tokens.shape[1]
             u = uniforms(s.seeds, s.offsets, N)
             probs = None if draft.probs is None else draft.probs[:, :N]
