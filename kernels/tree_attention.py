@@ -348,22 +348,30 @@ def _dense_mask(prefix_lens, num_new, tree, n, kv_len):
     return mask.unsqueeze(1)
 
 
+def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
+    """(kv_len, dense mask, padding-row mask or None), computed once per forward, not per layer."""
+    key = ("plan", n, capacity)
+    if key not in batch._dense:
+        kv_len = min(int((batch.prefix_lens + n).max()), capacity)  # host sync: fine on the CPU path
+        valid = torch.arange(n, device=batch.num_new.device).view(1, n) < batch.num_new.view(-1, 1)
+        padded = None if bool(valid.all()) else valid.view(-1, n, 1, 1)
+        batch._dense[key] = (kv_len, batch.dense_mask(n, kv_len), padded)
+    return batch._dense[key]
+
+
 def tree_attention_reference(q, k_cache, v_cache, batch: AttentionBatch, scale=None):
     """Dense-mask SDPA in fp32: the ground truth and the CPU path."""
     B, N, H, D = q.shape
-    kv_len = int((batch.prefix_lens + N).max())  # host sync: fine on the CPU path
-    kv_len = min(kv_len, k_cache.shape[2])
-    mask = batch.dense_mask(N, kv_len)
+    kv_len, mask, valid = _reference_plan(batch, N, k_cache.shape[2])
     k = k_cache[:, :, :kv_len]
     v = v_cache[:, :, :kv_len]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2).float(), k.float(), v.float(), attn_mask=mask, scale=scale,
         enable_gqa=k.shape[1] != H,
-    )  # (B, H, N, D)
-    out = out.transpose(1, 2)
-    valid = torch.arange(N, device=q.device).view(1, N) < batch.num_new.view(B, 1)
-    # where, not a product: a padding row past the cache's end saw no slot and holds NaN
-    return torch.where(valid.view(B, N, 1, 1), out, 0.0).to(q.dtype)
+    ).transpose(1, 2)  # (B, N, H, D)
+    if valid is not None:  # where, not a product: a padding row past the cache's end holds NaN
+        out = torch.where(valid, out, 0.0)
+    return out.to(q.dtype)
 
 
 def tree_attention(q, k_cache, v_cache, batch: AttentionBatch, scale=None):

