@@ -91,6 +91,14 @@ def run(model, questions, drafters, max_new_tokens=128, num_draft_tokens=8, temp
     hf = {}
     if hf_reference:
         hf = {"hf": HFRunner(model_path, 0), "hf-prompt-lookup": HFRunner(model_path, 10)}
+    from drafters import make_drafter
+
+    # One drafter instance per method for the whole run, as a server keeps them: static indexes are
+    # built once, and drafters that learn across requests (SuffixDecoding) do so here too.
+    instances = {m: make_drafter(m, **(drafter_options or {}).get(m, {})) for m in methods if m != "none"}
+    for m in methods:  # warm-up, untimed: lazy builds, the controller's cost curve, first-call overheads
+        generate(model, "Say hello.", max_new_tokens=4, drafter=instances.get(m, "none"),
+                 num_draft_tokens=num_draft_tokens)
     tok = model.tokenizer
     eos_ids = set(model.config.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     rows = []
@@ -107,9 +115,8 @@ def run(model, questions, drafters, max_new_tokens=128, num_draft_tokens=8, temp
                     new, seconds = hf[m](ids, budget, tok.pad_token_id, eos_ids)
                     steps = None
                 else:
-                    opts = (drafter_options or {}).get(m, {})
-                    r = generate(model, [ids], max_new_tokens=budget, drafter=m, temperature=temperature,
-                                 num_draft_tokens=num_draft_tokens, seed=q["question_id"], **opts)
+                    r = generate(model, [ids], max_new_tokens=budget, drafter=instances.get(m, "none"),
+                                 temperature=temperature, num_draft_tokens=num_draft_tokens, seed=q["question_id"])
                     new, seconds = r.token_ids[0], r.stats["seconds"]
                     steps = r.stats.get("verify_steps", len(new))
                 row["tokens"] += len(new)
@@ -127,7 +134,15 @@ def run(model, questions, drafters, max_new_tokens=128, num_draft_tokens=8, temp
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name}, {torch.get_num_threads()} threads"
 
 
 def summarize(rows, methods, temperature, settings):
