@@ -209,3 +209,87 @@ def build_corpus(model, questions, max_new_tokens=256, batch_size=8, progress=Tr
 def exclude(questions, measured):
     ids = {q["question_id"] for q in measured}
     return [q for q in questions if q["question_id"] not in ids]
+
+
+def sweep(model, questions, drafters, batch_sizes, draft_lengths=(4, 8), max_new_tokens=64, progress=True):
+    """Throughput by batch size: for every batch size B, decode the turn-1 prompts B at a time
+    (repeating questions to fill a batch) with "none" and each drafter at each fixed draft length
+    and "auto". Reports tokens/s of the whole batch, per-request seconds per output token, and the
+    speedup over "none" at the same batch size."""
+    from tqdm import tqdm
+
+    from drafters import make_drafter
+
+    prompts = [conversation_ids(model.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
+    configs = [("none", 0)] + [(d, k) for d in drafters if d != "none" for k in [*draft_lengths, "auto"]]
+    instances = {d: make_drafter(d) for d in drafters if d != "none"}
+    for d, k in configs:  # warm-up, untimed
+        generate(model, "Say hello.", max_new_tokens=4, drafter=instances.get(d, "none"), num_draft_tokens=k)
+    results = []
+    for B in tqdm(batch_sizes, desc="batch sizes", disable=not progress):
+        batch = [prompts[i % len(prompts)] for i in range(B)]
+        for d, k in configs:
+            r = generate(model, batch, max_new_tokens=max_new_tokens, drafter=instances.get(d, "none"),
+                         num_draft_tokens=k if d != "none" else 0)
+            s = r.stats
+            results.append(dict(batch=B, drafter=d, num_draft_tokens=k, tokens=s["tokens"], seconds=s["seconds"],
+                                 tokens_per_s=s["tokens_per_s"],
+                                 seconds_per_token=s["seconds"] / max(1, max(len(t) for t in r.token_ids)),
+                                 mean_accepted_tokens=s.get("mean_accepted_tokens", 1.0),
+                                 draft_fraction=_draft_fraction(s)))
+    base = {r["batch"]: r["tokens_per_s"] for r in results if r["drafter"] == "none"}
+    for r in results:
+        r["speedup"] = r["tokens_per_s"] / base[r["batch"]]
+    return dict(settings=dict(model=model.name, device=device_name(model.device), max_new_tokens=max_new_tokens,
+                              questions=len(questions), date=datetime.date.today().isoformat()), sweep=results)
+
+
+def _draft_fraction(stats):
+    split = stats.get("time_split")
+    return split["draft"] / max(sum(split.values()), 1e-12) if split else 0.0
+
+
+def format_sweep(report) -> str:
+    lines = [f"{'batch':>5} {'drafter':>10} {'K':>5} {'tok/s':>9} {'s/token':>9} {'speedup':>8} {'MAT':>6} {'draft%':>7}"]
+    for r in report["sweep"]:
+        lines.append(f"{r['batch']:>5} {r['drafter']:>10} {str(r['num_draft_tokens']):>5} {r['tokens_per_s']:>9.1f} "
+                     f"{r['seconds_per_token']:>9.3f} {r['speedup']:>7.2f}x {r['mean_accepted_tokens']:>6.2f} "
+                     f"{100 * r['draft_fraction']:>6.1f}%")
+    best = {}
+    for r in report["sweep"]:
+        if r["drafter"] != "none" and r["num_draft_tokens"] != "auto":
+            key = (r["batch"], r["drafter"])
+            best[key] = max(best.get(key, 0.0), r["tokens_per_s"])
+    for r in report["sweep"]:
+        if r["num_draft_tokens"] == "auto":
+            b = best[(r["batch"], r["drafter"])]
+            lines.append(f"auto vs best fixed length: batch {r['batch']} {r['drafter']}: "
+                         f"{r['tokens_per_s'] / b:.2f}x of best, {r['speedup']:.2f}x of AR")
+    return "\n".join(lines)
+
+
+def plot_sweep(report, path):
+    """Speedup over AR by batch size, one line per (drafter, draft length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {}
+    for r in report["sweep"]:
+        if r["drafter"] != "none":
+            series.setdefault(f"{r['drafter']} K={r['num_draft_tokens']}", []).append((r["batch"], r["speedup"]))
+    for name, pts in series.items():
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, ys, marker="o", label=name, linewidth=2.5 if "auto" in name else 1)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speedup over autoregressive")
+    s = report["settings"]
+    ax.set_title(f"{s['model']} on {s['device']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -83,6 +83,19 @@ def cmd_bench(args):
     questions = bench.load_questions(args.questions, per_category=args.per_category, limit=args.limit)
     model = _load(args)
     drafters = [d for d in args.drafters.split(",") if d]
+    if args.batch_sizes:
+        sizes = [int(x) for x in args.batch_sizes.split(",")]
+        if any(b < 1 for b in sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {sizes}")
+        lengths = [int(x) for x in args.draft_lengths.split(",")]
+        report = bench.sweep(model, questions, drafters, sizes, lengths, max_new_tokens=args.max_new_tokens)
+        print(bench.format_sweep(report))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+            bench.plot_sweep(report, Path(args.out).with_suffix(".png"))
+            print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+        return
     report = bench.run(model, questions, drafters, max_new_tokens=args.max_new_tokens,
                        num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
                        hf_reference=args.hf_reference, model_path=args.model,
@@ -119,6 +132,9 @@ def main(argv=None):
     b.add_argument("--hf-reference", action="store_true",
                    help="add transformers' generate, greedy and with prompt lookup, as reference rows")
     b.add_argument("--out", default=None, help="write the JSON report here")
+    b.add_argument("--batch-sizes", default=None, metavar="1,4,16,64",
+                   help="sweep batch sizes instead: throughput per drafter at fixed draft lengths and 'auto'")
+    b.add_argument("--draft-lengths", default="4,8", help="fixed draft lengths for --batch-sizes")
     b.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/hybrid (see `specdec corpus`)")
     _model_args(b)
     b.set_defaults(func=cmd_bench)

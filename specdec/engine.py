@@ -173,8 +173,10 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             tokens, parents, num_nodes = pack(roots, draft)
             tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
             logits = verify_forward(net, cache, tokens, tree, num_nodes)
+        t_obs = time.perf_counter()
         with nvtx_range("observe"):
             drafter.observe(tokens, logits, num_nodes)
+        t_obs = time.perf_counter() - t_obs  # drafter work: counted as drafting time
         with nvtx_range("accept"):
             N = tokens.shape[1]
             u = uniforms(s.seeds, s.offsets, N)
@@ -200,11 +202,11 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         if controller is not None:
             node = torch.arange(N, device=device).view(1, -1)
             depth = torch.where(node < num_nodes.view(-1, 1), tree.sum(-1) - 1, 0)
-            controller.observe(depth.max(dim=1).values, result.accept_len, draft.match_len, t1 - t0)
+            controller.observe(depth.max(dim=1).values, result.accept_len, draft.match_len, t1 - t0 + t_obs)
         stats.steps += 1
         stats.tokens += sum(host_count)
         stats.accept_hist.update(accepted)
-        for k, dt in zip(("draft", "verify", "bookkeeping"), (t1 - t0, t2 - t1, t3 - t2)):
+        for k, dt in zip(("draft", "verify", "bookkeeping"), (t1 - t0 + t_obs, t2 - t1 - t_obs, t3 - t2)):
             stats.seconds[k] += dt
         yield s.ids.tolist(), [row[:c] for row, c in zip(host_out, host_count)]
     drafter.finish()

@@ -68,3 +68,17 @@ def test_cli_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "hello", "--model", "/nonexistent.gguf"])
     assert e.value.code == 2 and "no model at" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_batch_size_sweep_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    main(["bench", "--batch-sizes", "1,2", "--draft-lengths", "3", "--limit", "2", "--max-new-tokens", "6",
+          "--drafters", "ngram", "--device", "cpu", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "auto vs best fixed length: batch 2 ngram" in text
+    rows = json.loads(out.read_text())["sweep"]
+    assert {(r["batch"], r["drafter"], r["num_draft_tokens"]) for r in rows} == {
+        (b, d, k) for b in (1, 2) for d, k in [("none", 0), ("ngram", 3), ("ngram", "auto")]}
+    assert all(r["speedup"] == 1.0 for r in rows if r["drafter"] == "none")
+    assert out.with_suffix(".png").stat().st_size > 1000

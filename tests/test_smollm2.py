@@ -54,3 +54,12 @@ def test_greedy_generation_equals_transformers(ours, theirs):
         assert got == ref[: len(got)], prompt
         assert len(got) == 64 or got[-1] in ours.config.eos_token_ids
     assert "Paris" in result.texts[0]
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "sam", "suffix", "recycle", "hybrid"])
+def test_every_drafter_is_lossless_on_smollm2(ours, drafter):
+    prompts = ["Repeat exactly: the cat sat on the mat, the cat sat on the mat.", PROMPTS[1]]
+    reference = specdec.generate(ours, prompts, max_new_tokens=40).token_ids
+    out = specdec.generate(ours, prompts, max_new_tokens=40, drafter=drafter, num_draft_tokens=6)
+    assert out.token_ids == reference
+    assert out.stats["mean_accepted_tokens"] > 1.0
