@@ -104,6 +104,10 @@ class CostModel:
         path = Path(path_dir or cache_dir() / "costs") / f"{key}.json"
         if path.exists():
             return cls.from_json(json.loads(path.read_text()))
+        import sys
+
+        print(f"specdec: measuring the verification cost curve of this device once (cached in {path})",
+              file=sys.stderr)
         if net.device.type == "cuda":
             model = cls.measure(net)
         else:  # a coarser grid: a CPU forward over many tokens takes seconds

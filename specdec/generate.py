@@ -199,13 +199,13 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", n
     params = SamplingParams(temperature, top_k, top_p, seed)
     prompt_ids, drafter_obj = _prepare(model, prompts, max_new_tokens, drafter, num_draft_tokens, params, chat,
                                        drafter_options)
+    controller = None if drafter_obj is None else make_controller(model, num_draft_tokens)  # not timed
     t0 = time.perf_counter()
     if drafter_obj is None:
         ids, stats = autoregressive(model, prompt_ids, max_new_tokens, params)
     else:
         ids = [[] for _ in prompt_ids]
-        steps = speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens,
-                            make_controller(model, num_draft_tokens))
+        steps = speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens, controller)
         with torch.inference_mode():
             while True:
                 try:
