@@ -82,6 +82,13 @@ _SUM, _MAX, _MIN = tl.standard._sum_combine, tl.standard._elementwise_max, tl.st
 
 
 @_device_fn
+def _flip(bits):
+    # fp32 bit pattern <-> an integer of the same order (self-inverse): negative floats' magnitude
+    # bits are reversed, so integer comparison and bisection follow float order.
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@_device_fn
 def _count_ge(row_ptr, V, t, thr, BLOCK_V: tl.constexpr):
     cnt = tl.full([], 0, tl.int32)
     for start in range(0, V, BLOCK_V):
@@ -122,32 +129,32 @@ def _target_stats(row_ptr, V, t, top_k, top_p, BLOCK_V: tl.constexpr):
     if top_k > 0:
         lo = tl.full([], -2139095041, tl.int64)  # count(z >= -inf) = V >= k
         bits = m.to(tl.int32, bitcast=True)
-        hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 1  # count(z > max) = 0 < k
+        hi = _flip(bits).to(tl.int64) + 1  # count(z > max) = 0 < k
         while hi - lo > 1:  # the largest value v with count(z >= v) >= k: the k-th largest z
             bits = (lo + ((hi - lo) >> 1)).to(tl.int32)
-            v = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+            v = _flip(bits).to(tl.float32, bitcast=True)
             if _count_ge(row_ptr, V, t, v, BLOCK_V) >= top_k:
                 lo = lo + ((hi - lo) >> 1)
             else:
                 hi = lo + ((hi - lo) >> 1)
         bits = lo.to(tl.int32)
-        zthr = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        zthr = _flip(bits).to(tl.float32, bitcast=True)
         Z = _mass(row_ptr, V, t, m, zthr, float("-inf"), BLOCK_V)
     if top_p < 1.0:
         bits = zthr.to(tl.int32, bitcast=True)
-        lo = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) - 1  # mass above lo: Z >= top_p Z
+        lo = _flip(bits).to(tl.int64) - 1  # mass above lo: Z >= top_p Z
         bits = m.to(tl.int32, bitcast=True)
-        hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # mass above the max: 0
+        hi = _flip(bits).to(tl.int64)  # mass above the max: 0
         limit = top_p * Z
         while hi - lo > 1:  # the smallest value v with mass(z > v) < top_p: keep z >= v
             bits = (lo + ((hi - lo) >> 1)).to(tl.int32)
-            v = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+            v = _flip(bits).to(tl.float32, bitcast=True)
             if _mass(row_ptr, V, t, m, zthr, v, BLOCK_V) < limit:
                 hi = lo + ((hi - lo) >> 1)
             else:
                 lo = lo + ((hi - lo) >> 1)
         bits = hi.to(tl.int32)
-        zthr = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        zthr = _flip(bits).to(tl.float32, bitcast=True)
         Z = _mass(row_ptr, V, t, m, zthr, float("-inf"), BLOCK_V)
     return m, zthr, Z
 

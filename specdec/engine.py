@@ -88,9 +88,8 @@ def pack(roots: torch.Tensor, draft: DraftTree):
     return tokens, parents, num_nodes
 
 
-def verify_forward(net, cache, tokens, tree, num_nodes):
-    """One forward over every request's tree: logits (B, N, V) for every node."""
-    depth = tree.sum(-1) - 1  # (B, N)
+def verify_forward(net, cache, tokens, tree, depth, num_nodes):
+    """One forward over every request's tree (depth (B, N) of each node): logits (B, N, V)."""
     positions = cache.lens.long().view(-1, 1) + depth
     return net(tokens, cache, positions=positions, num_new=num_nodes.to(torch.int32), tree=tree)
 
@@ -172,7 +171,8 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))[:, 0]
             tokens, parents, num_nodes = pack(roots, draft)
             tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
-            logits = verify_forward(net, cache, tokens, tree, num_nodes)
+            depth = tree.sum(-1) - 1  # (B, N)
+            logits = verify_forward(net, cache, tokens, tree, depth, num_nodes)
         t_obs = time.perf_counter()
         with nvtx_range("observe"):
             drafter.observe(tokens, logits, num_nodes)
@@ -201,8 +201,8 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         t3 = time.perf_counter()
         if controller is not None:
             node = torch.arange(N, device=device).view(1, -1)
-            depth = torch.where(node < num_nodes.view(-1, 1), tree.sum(-1) - 1, 0)
-            controller.observe(depth.max(dim=1).values, result.accept_len, draft.match_len, t1 - t0 + t_obs)
+            offered = torch.where(node < num_nodes.view(-1, 1), depth, 0).max(dim=1).values
+            controller.observe(offered, result.accept_len, draft.match_len, t1 - t0 + t_obs)
         stats.steps += 1
         stats.tokens += sum(host_count)
         stats.accept_hist.update(accepted)
