@@ -163,8 +163,10 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         t0 = time.perf_counter()
         with nvtx_range("draft"):
             budget = int(min(K, max_new_tokens - 1))  # drafts past the token budget are wasted
+            if controller is not None and not controller.worth_drafting(Bn):
+                budget = 0  # verification is too dear at this batch size: a plain AR step
             draft = drafter.propose(s.history, s.lens, budget) if budget > 0 else DraftTree.empty(Bn, device)
-            if controller is not None:
+            if controller is not None and budget > 0:
                 draft = truncate(draft, controller.choose(Bn, draft.match_len))
         t1 = time.perf_counter()
         with nvtx_range("verify_forward"):
@@ -200,9 +202,13 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             host_out, host_count, accepted = out.tolist(), count.tolist(), result.accept_len.tolist()
         t3 = time.perf_counter()
         if controller is not None:
-            node = torch.arange(N, device=device).view(1, -1)
-            offered = torch.where(node < num_nodes.view(-1, 1), depth, 0).max(dim=1).values
-            controller.observe(offered, result.accept_len, draft.match_len, t1 - t0 + t_obs)
+            on_path = torch.zeros(Bn, N, dtype=torch.bool, device=device)  # tree node index, root = 0
+            on_path.scatter_(1, result.accept_nodes.clamp(min=0), result.accept_nodes >= 0)
+            offered = num_nodes - 1
+            drafted = budget > 0
+            rest = (t3 - t0) - controller.cost(Bn, N) - (t1 - t0 + t_obs)  # kernel, commit, bookkeeping
+            controller.observe(offered, on_path[:, 1:], draft.match_len,
+                               t1 - t0 + t_obs if drafted else None, max(rest, 0.0))
         stats.steps += 1
         stats.tokens += sum(host_count)
         stats.accept_hist.update(accepted)

@@ -6,6 +6,7 @@ Python work that grows with the sequence.
 """
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -135,6 +136,8 @@ def autoregressive(model: Model, prompt_ids, max_new_tokens: int, params: Sampli
 
     t0 = time.perf_counter()
     logits = prefill(net, cache, prompt_ids)
+    if logits.is_cuda:
+        torch.cuda.synchronize(logits.device)
     t_prefill = time.perf_counter() - t0
     steps = 0
     for t in range(max_new_tokens):
@@ -158,13 +161,24 @@ def _validate_draft_size(num_draft_tokens):
         raise ValueError(f"num_draft_tokens must be an integer >= 0 or 'auto', got {num_draft_tokens!r}")
 
 
-def make_controller(model: Model, num_draft_tokens, max_k: int = 16):
-    """A speculation-length controller for "auto" (its cost curve is measured once, then cached)."""
+_CONTROLLERS = weakref.WeakKeyDictionary()  # drafter instance -> {(model, device): controller}
+
+
+def make_controller(model: Model, num_draft_tokens, drafter=None, max_k: int = 16):
+    """A speculation-length controller for "auto" (its cost curve is measured once, then cached).
+
+    One controller per (drafter instance, model): what it learned about the drafter's acceptance
+    and drafting time carries over to the next generate call with the same drafter instance.
+    """
     if num_draft_tokens != "auto":
         return None
     from specdec.controller import CostModel, SpeculationController
 
-    return SpeculationController(CostModel.cached(model.net, model.name), max_k=max_k)
+    per_model = _CONTROLLERS.setdefault(drafter, {}) if drafter is not None else {}
+    key = (model.name, str(model.device), str(model.dtype), max_k)
+    if key not in per_model:
+        per_model[key] = SpeculationController(CostModel.cached(model.net, model.name), max_k=max_k)
+    return per_model[key]
 
 
 def _prepare(model, prompts, max_new_tokens, drafter, num_draft_tokens, params, chat, drafter_options):
@@ -191,21 +205,23 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", n
     hardware-aware controller (specdec.controller) from the measured verification cost.
     Greedy at temperature 0, else sampling (temperature, top_k, top_p), seeded per request.
     Returns texts, generated token ids (without the prompt) and stats: tokens, seconds,
-    tokens_per_s, and with a drafter mean_accepted_tokens (per verification step, the model's
-    own token included), accepted_length_histogram and time_split.
+    tokens_per_s, prefill_seconds, decode_tokens_per_s (after each request's first token), and
+    with a drafter mean_accepted_tokens (per verification step, the model's own token included),
+    accepted_length_histogram and time_split.
     """
     from specdec.engine import speculative
 
     params = SamplingParams(temperature, top_k, top_p, seed)
     prompt_ids, drafter_obj = _prepare(model, prompts, max_new_tokens, drafter, num_draft_tokens, params, chat,
                                        drafter_options)
-    controller = None if drafter_obj is None else make_controller(model, num_draft_tokens)  # not timed
+    controller = None if drafter_obj is None else make_controller(model, num_draft_tokens, drafter_obj)  # not timed
     t0 = time.perf_counter()
     if drafter_obj is None:
         ids, stats = autoregressive(model, prompt_ids, max_new_tokens, params)
     else:
         ids = [[] for _ in prompt_ids]
         steps = speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens, controller)
+        t_prefill = None
         with torch.inference_mode():
             while True:
                 try:
@@ -215,10 +231,16 @@ def generate(model: Model, prompts, max_new_tokens: int = 128, drafter="none", n
                     break
                 for b, toks in zip(rows, new):
                     ids[b].extend(toks)
+                if t_prefill is None:  # the first yield is the prefill's token (already on the host)
+                    t_prefill = time.perf_counter() - t0
+        stats["prefill_seconds"] = t_prefill
     seconds = time.perf_counter() - t0
     tokens = sum(len(x) for x in ids)
     name = drafter if isinstance(drafter, str) else type(drafter).__name__
-    stats = dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, drafter=name, **stats)
+    # Decode-only throughput: tokens after each request's first one (which the prefill produces).
+    decode_seconds = seconds - stats["prefill_seconds"]
+    stats = dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds, drafter=name,
+                 decode_tokens_per_s=(tokens - len(ids)) / max(decode_seconds, 1e-9), **stats)
     return GenerationResult(texts=decode(model, ids), token_ids=ids, stats=stats)
 
 
@@ -238,7 +260,7 @@ def stream(model: Model, prompt, max_new_tokens: int = 128, drafter="ngram", num
     ids, shown = [], ""
     with torch.inference_mode():
         for _, new in speculative(model, prompt_ids, max_new_tokens, params, drafter_obj, num_draft_tokens,
-                                  make_controller(model, num_draft_tokens)):
+                                  make_controller(model, num_draft_tokens, drafter_obj)):
             ids.extend(new[0])
             text = decode(model, [ids])[0]
             if text != shown and not text.endswith("\ufffd"):  # hold back half a multi-byte character

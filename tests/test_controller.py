@@ -17,8 +17,12 @@ def synthetic_cost(per_token):
 
 
 def with_rate(alpha, max_k=16, n=100_000):
+    """A controller that firmly believes in a chain accepting each next token with probability alpha."""
     c = SpeculationController(synthetic_cost(0.0), max_k=max_k)
-    c.stats = AcceptanceStats(max_depth=max_k, prior=(alpha * n, (1 - alpha) * n))  # a known rate, held firmly
+    c.stats = AcceptanceStats(max_nodes=max_k)
+    c.stats.tries += n
+    c.stats.accepts += n * alpha ** torch.arange(1, max_k + 1, dtype=torch.float64)
+    c.optimistic = False  # exact rates: the brute force below uses them too
     return c
 
 
@@ -52,8 +56,8 @@ def test_larger_batches_draft_less():
     assert chosen == sorted(chosen, reverse=True) and chosen[-1] < chosen[0]
 
 
-def test_acceptance_is_learned_per_depth_and_match_length():
-    s = AcceptanceStats(max_depth=4, buckets=3, prior=(0.5, 0.5))
+def test_acceptance_is_learned_per_node_and_match_length():
+    s = AcceptanceStats(max_nodes=4, buckets=3, strength=1.0)
     # bucket 2 (long matches) accepts everything offered; bucket 1 nothing
     for _ in range(200):
         s.record(torch.tensor([4, 4]), torch.tensor([4, 0]), match_len=torch.tensor([2, 1]))
@@ -95,3 +99,69 @@ def test_profiling_hooks_are_no_ops_without_cuda(monkeypatch):
         pytest.skip("CUDA present: NVTX ranges are live")
     with nvtx_range("draft") as r:
         assert r is None
+
+
+def test_tree_acceptance_counts_nodes_on_the_accepted_path():
+    s = AcceptanceStats(max_nodes=4, buckets=1, strength=1e-9)
+    # a star of 4 children: the second is always the one accepted
+    for _ in range(50):
+        s.record(torch.tensor([4]), torch.tensor([[False, True, False, False]]))
+    p = s.rates()[0]
+    assert p[1] == pytest.approx(1.0) and p[0] < 1e-6 and p[2] < 1e-6
+    assert s.expected_tokens(4)[0].tolist() == pytest.approx([1, 1, 2, 2, 2])
+
+
+def test_unseen_deep_nodes_are_extrapolated_from_the_shallow_ones():
+    s = AcceptanceStats(max_nodes=12, buckets=2)
+    for _ in range(100):  # bucket 1 offers 4 nodes and all are accepted; bucket 0 rejects them
+        s.record(torch.tensor([4, 4]), torch.tensor([4, 0]), match_len=torch.tensor([1, 0]))
+    p = s.rates()
+    assert p[1, 4:].min() > 0.9  # never offered, yet expected: worth trying
+    assert p[0, 4:].max() < 0.01
+    assert torch.all(p[:, 5:] <= p[:, 4:-1] + 1e-12)  # non-increasing past the observed nodes
+
+
+def test_optimism_retries_a_length_that_looked_poor_on_few_observations():
+    c = SpeculationController(synthetic_cost(0.3), max_k=8)
+    for _ in range(3):  # three unlucky steps: node 0 rejected
+        c.observe(torch.tensor([1]), torch.tensor([0]))
+    c.optimistic = False
+    assert c.choose(1) == 0
+    c.optimistic = True
+    assert c.choose(1) > 0
+    for _ in range(400):  # now truly rejected, again and again: the bound closes in
+        c.observe(torch.tensor([8]), torch.tensor([0]))
+    assert c.choose(1) == 0
+
+
+def test_no_proposal_when_no_match_length_could_pay():
+    c = with_rate(0.9)
+    c.cost = synthetic_cost(10.0)  # every extra token about doubles a step: never worth it
+    assert not c.worth_drafting(4)
+    c.cost = synthetic_cost(0.0)
+    assert c.worth_drafting(4)
+
+
+def test_engine_skips_the_drafter_when_speculation_cannot_pay(tmp_path, monkeypatch):
+    from drafters.ngram import NgramDrafter
+    from specdec.generate import make_controller
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    m = tiny_model(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, seed=3)
+    prompts = [[5, 9, 11, 5, 9], [7] * 9]
+    calls = []
+
+    class Spy(NgramDrafter):
+        def propose(self, history, lens, max_nodes):
+            calls.append(max_nodes)
+            return super().propose(history, lens, max_nodes)
+
+    spy = Spy()
+    controller = make_controller(m, "auto", spy)
+    controller.cost = synthetic_cost(10.0)
+    out = specdec.generate(m, prompts, max_new_tokens=12, drafter=spy, num_draft_tokens="auto")
+    assert calls == [] and out.stats["mean_accepted_tokens"] == 1.0
+    assert out.token_ids == specdec.generate(m, prompts, max_new_tokens=12).token_ids
+    assert make_controller(m, "auto", spy) is controller  # what it learned carries to the next call
+    assert make_controller(m, "auto", Spy()) is not controller
+    assert out.stats["prefill_seconds"] > 0 and out.stats["decode_tokens_per_s"] > 0
