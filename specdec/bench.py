@@ -106,7 +106,7 @@ def run(model, questions, drafters, max_new_tokens=128, num_draft_tokens=8, temp
         history = {m: [] for m in [*methods, *hf]}
         for m in [*methods, *hf]:  # interleaved: every method runs this question before the next one
             row = dict(question_id=q["question_id"], category=q["category"], method=m, tokens=0, seconds=0.0,
-                       steps=0, outputs=[])
+                       steps=0, draft_seconds=0.0, step_seconds=0.0, outputs=[])
             for turn in q["turns"]:
                 history[m].append({"role": "user", "content": turn})
                 ids = conversation_ids(tok, history[m])
@@ -119,6 +119,9 @@ def run(model, questions, drafters, max_new_tokens=128, num_draft_tokens=8, temp
                                  temperature=temperature, num_draft_tokens=num_draft_tokens, seed=q["question_id"])
                     new, seconds = r.token_ids[0], r.stats["seconds"]
                     steps = r.stats.get("verify_steps", len(new))
+                    split = r.stats.get("time_split", {})
+                    row["draft_seconds"] += split.get("draft", 0.0)
+                    row["step_seconds"] += sum(split.values())
                 row["tokens"] += len(new)
                 row["seconds"] += seconds
                 row["steps"] = None if steps is None else row["steps"] + steps
@@ -160,6 +163,8 @@ def summarize(rows, methods, temperature, settings):
             steps = [r["steps"] for r in rs]
             entry = dict(tokens_per_s=sum(tps) / len(tps), speedup=(sum(tps) / len(tps)) / (sum(base_tps) / len(base_tps)))
             entry["mean_accepted_tokens"] = (sum(r["tokens"] for r in rs) / sum(steps)) if None not in steps else None
+            step_seconds = sum(r.get("step_seconds", 0.0) for r in rs)
+            entry["draft_fraction"] = sum(r.get("draft_seconds", 0.0) for r in rs) / step_seconds if step_seconds else None
             table.setdefault(m, {})[c] = entry
     report = dict(settings=settings, table=table, rows=rows)
     if temperature == 0:
@@ -185,24 +190,30 @@ def format_report(report) -> str:
             mat = "-" if e["mean_accepted_tokens"] is None else f"{e['mean_accepted_tokens']:.2f}"
             cells.append(f"{e['tokens_per_s']:>12.1f} {e['speedup']:>7.2f}x {mat:>6}")
         lines.append(f"{c:<16}" + "".join(f"{x:>28}" for x in cells))
+    shares = [f"{m} {100 * table[m]['overall']['draft_fraction']:.1f}%" for m in methods
+              if table[m]["overall"].get("draft_fraction") is not None]
+    if shares:
+        lines.append("drafting share of step time (overall): " + ", ".join(shares))
     for m, bad in report.get("greedy_mismatches", {}).items():
         verdict = "identical to 'none' on every question" if not bad else f"DIFFERS from 'none' on questions {bad}"
         lines.append(f"greedy check: {m}: {verdict}")
     return "\n".join(lines)
 
 
-def build_corpus(model, questions, max_new_tokens=256, batch_size=8, progress=True):
+def build_corpus(model, questions, max_new_tokens=256, batch_size=16, progress=True):
     """The model's own greedy responses to every turn-1 prompt, as a Corpus."""
     from tqdm import tqdm
 
     from drafters.corpus import Corpus
 
     prompts = [conversation_ids(model.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
-    responses = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="corpus", disable=not progress):
-        chunk = prompts[i : i + batch_size]
-        budget = min(max_new_tokens, model.config.max_context - max(len(p) for p in chunk))
-        responses += generate(model, chunk, max_new_tokens=budget).token_ids
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch with less padding
+    responses = [None] * len(prompts)
+    for i in tqdm(range(0, len(order), batch_size), desc="corpus", disable=not progress):
+        chunk = order[i : i + batch_size]
+        budget = min(max_new_tokens, model.config.max_context - max(len(prompts[j]) for j in chunk))
+        for j, ids in zip(chunk, generate(model, [prompts[j] for j in chunk], max_new_tokens=budget).token_ids):
+            responses[j] = ids
     return Corpus(responses, model.config.vocab_size)
 
 
@@ -211,42 +222,70 @@ def exclude(questions, measured):
     return [q for q in questions if q["question_id"] not in ids]
 
 
-def sweep(model, questions, drafters, batch_sizes, draft_lengths=(4, 8), max_new_tokens=64, progress=True):
-    """Throughput by batch size: for every batch size B, decode the turn-1 prompts B at a time
-    (repeating questions to fill a batch) with "none" and each drafter at each fixed draft length
-    and "auto". Reports tokens/s of the whole batch, per-request seconds per output token, and the
-    speedup over "none" at the same batch size."""
+def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_new_tokens=64,
+          drafter_options=None, progress=True):
+    """Decode throughput by batch size.
+
+    For every batch size B, the turn-1 prompts are decoded B at a time (ceil(n / B) batches, taking
+    prompts cyclically, so every prompt runs at least once) with "none" and each drafter at each
+    fixed draft length and "auto". Timing is decode only (after the prefill, which no drafter
+    changes and which on CPU would otherwise dominate large batches of long prompts). Reports
+    tokens/s of the batch, per-request seconds per output token, MAT, the drafting share of step
+    time and the speedup over "none" at the same batch size. Every (drafter, length, batch size)
+    gets a fresh drafter instance, so nothing learned from one run's outputs helps the next.
+    """
     from tqdm import tqdm
 
     from drafters import make_drafter
 
     prompts = [conversation_ids(model.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
     configs = [("none", 0)] + [(d, k) for d in drafters if d != "none" for k in [*draft_lengths, "auto"]]
-    instances = {d: make_drafter(d) for d in drafters if d != "none"}
-    for d, k in configs:  # warm-up, untimed
-        generate(model, "Say hello.", max_new_tokens=4, drafter=instances.get(d, "none"), num_draft_tokens=k)
+    options = drafter_options or {}
+    fresh = {}
+
+    def drafter_for(d):
+        if d == "none":
+            return "none"
+        if d not in fresh:  # built once (a static index from a corpus takes a while), then copied
+            fresh[d] = make_drafter(d, **options.get(d, {}))
+        import copy
+
+        return copy.deepcopy(fresh[d])
+
+    generate(model, "Say hello.", max_new_tokens=4)  # warm-up, untimed (and the controller's cost curve)
+    generate(model, "Say hello.", max_new_tokens=4, drafter="ngram", num_draft_tokens="auto")
     results = []
     for B in tqdm(batch_sizes, desc="batch sizes", disable=not progress):
-        batch = [prompts[i % len(prompts)] for i in range(B)]
+        n_batches = -(-len(prompts) // B)
+        batches = [[prompts[(j * B + i) % len(prompts)] for i in range(B)] for j in range(n_batches)]
         for d, k in configs:
-            r = generate(model, batch, max_new_tokens=max_new_tokens, drafter=instances.get(d, "none"),
-                         num_draft_tokens=k if d != "none" else 0)
-            s = r.stats
-            results.append(dict(batch=B, drafter=d, num_draft_tokens=k, tokens=s["tokens"], seconds=s["seconds"],
-                                 tokens_per_s=s["tokens_per_s"],
-                                 seconds_per_token=s["seconds"] / max(1, max(len(t) for t in r.token_ids)),
-                                 mean_accepted_tokens=s.get("mean_accepted_tokens", 1.0),
-                                 draft_fraction=_draft_fraction(s)))
+            drafter = drafter_for(d)
+            tokens = seconds = per_token = request_steps = draft = total = 0.0
+            for batch in batches:
+                r = generate(model, batch, max_new_tokens=max_new_tokens, drafter=drafter,
+                             num_draft_tokens=k if d != "none" else 0)
+                st = r.stats
+                decode_s = st["seconds"] - st["prefill_seconds"]
+                tokens += st["tokens"] - len(batch)
+                seconds += decode_s
+                per_token += decode_s / max(1, max(len(t) for t in r.token_ids) - 1) * len(batch)
+                request_steps += sum(st.get("accepted_length_histogram", {}).values())
+                split = st.get("time_split", {})
+                draft += split.get("draft", 0.0)
+                total += sum(split.values())
+            requests = len(batches) * B
+            results.append(dict(batch=B, drafter=d, num_draft_tokens=k, requests=requests, decode_tokens=int(tokens),
+                                decode_seconds=seconds, tokens_per_s=tokens / seconds,
+                                seconds_per_token=per_token / requests,
+                                mean_accepted_tokens=tokens / request_steps if request_steps else 1.0,
+                                draft_fraction=draft / total if total else 0.0))
     base = {r["batch"]: r["tokens_per_s"] for r in results if r["drafter"] == "none"}
     for r in results:
         r["speedup"] = r["tokens_per_s"] / base[r["batch"]]
-    return dict(settings=dict(model=model.name, device=device_name(model.device), max_new_tokens=max_new_tokens,
-                              questions=len(questions), date=datetime.date.today().isoformat()), sweep=results)
-
-
-def _draft_fraction(stats):
-    split = stats.get("time_split")
-    return split["draft"] / max(sum(split.values()), 1e-12) if split else 0.0
+    return dict(settings=dict(model=model.name, device=device_name(model.device),
+                              dtype=str(model.dtype).replace("torch.", ""), max_new_tokens=max_new_tokens,
+                              questions=len(questions), timing="decode only (after prefill)",
+                              date=datetime.date.today().isoformat()), sweep=results)
 
 
 def format_sweep(report) -> str:
@@ -290,6 +329,31 @@ def plot_sweep(report, path):
     s = report["settings"]
     ax.set_title(f"{s['model']} on {s['device']}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_report(report, path):
+    """Speedup over AR per category (bars), one group per category, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = report["table"]
+    methods = [m for m in table if m != "none"]
+    cats = list(table["none"])
+    fig, ax = plt.subplots(figsize=(max(8, len(cats) * 0.9), 4.5))
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        ax.bar([c + i * width for c in range(len(cats))], [table[m][c]["speedup"] for c in cats], width, label=m)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cats))], cats, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("speedup over autoregressive")
+    s = report["settings"]
+    ax.set_title(f"{s['model']} on {s['device']}, {s['questions']} questions, greedy", fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -65,7 +65,7 @@ def cmd_corpus(args):
     if not questions:
         raise ValueError("no questions left to build a corpus from")
     model = _load(args)
-    corpus = bench.build_corpus(model, questions, max_new_tokens=args.max_new_tokens)
+    corpus = bench.build_corpus(model, questions, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     out = Path(args.out) if args.out else default_corpus_path(model)
     corpus.save(out)
     print(f"corpus of {len(corpus)} responses, {corpus.tokens.size} tokens -> {out}")
@@ -88,7 +88,8 @@ def cmd_bench(args):
         if any(b < 1 for b in sizes):
             raise ValueError(f"batch sizes must be >= 1, got {sizes}")
         lengths = [int(x) for x in args.draft_lengths.split(",")]
-        report = bench.sweep(model, questions, drafters, sizes, lengths, max_new_tokens=args.max_new_tokens)
+        report = bench.sweep(model, questions, drafters, sizes, lengths, max_new_tokens=args.max_new_tokens,
+                             drafter_options=_drafter_options(args, drafters))
         print(bench.format_sweep(report))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ def cmd_bench(args):
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+        bench.plot_report(report, Path(args.out).with_suffix(".png"))
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     if any(report.get("greedy_mismatches", {}).values()):
         sys.exit(1)
 
@@ -134,7 +136,7 @@ def main(argv=None):
     b.add_argument("--out", default=None, help="write the JSON report here")
     b.add_argument("--batch-sizes", default=None, metavar="1,4,16,64",
                    help="sweep batch sizes instead: throughput per drafter at fixed draft lengths and 'auto'")
-    b.add_argument("--draft-lengths", default="4,8", help="fixed draft lengths for --batch-sizes")
+    b.add_argument("--draft-lengths", default="2,4,8", help="fixed draft lengths for --batch-sizes")
     b.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/hybrid (see `specdec corpus`)")
     _model_args(b)
     b.set_defaults(func=cmd_bench)
@@ -146,6 +148,7 @@ def main(argv=None):
     c.add_argument("--exclude-sample", type=int, default=None, metavar="N",
                    help="leave out the questions `bench --per-category N` measures")
     c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     c.add_argument("--out", default=None, help="default: the cache's corpus/<model>.npz")
     _model_args(c)
     c.set_defaults(func=cmd_corpus, max_new_tokens=256)
