@@ -20,7 +20,8 @@ Where one token occurs at several nodes of a step, any one of those writes wins 
 with repeated indices does not say which); each is a fresh top-k after that token. The matrix is not reset between
 generate calls on the same vocabulary and device: as in the paper it keeps warming up across
 requests (`reset()` starts cold). A cold row is the placeholder M[t, j] = (t + 1 + j) % V: no
-information, but distinct within a row, so a cold tree has no duplicate siblings.
+information, but distinct within a row, so a cold tree has no duplicate siblings; a request whose
+root's row is still cold gets no draft that step.
 
 Template order: the default template is built best-first from a prior on how often the rank-r
 candidate is the target's next token (node score = product of its path's priors), so parents
@@ -116,10 +117,11 @@ class TokenRecyclingDrafter(Drafter):
         t = torch.arange(vocab_size + 1, device=device).view(-1, 1)
         self._table = (t + 1 + j) % vocab_size  # (V + 1, k) cold placeholder
         self.M = self._table[:vocab_size]
+        self._warm = torch.zeros(vocab_size + 1, dtype=torch.bool, device=device)  # row written yet?
 
     def reset(self) -> None:
         """Forget everything learned (the next prepare allocates a cold matrix)."""
-        self.M = self._table = None
+        self.M = self._table = self._warm = None
 
     def observe(self, tokens: torch.Tensor, logits: torch.Tensor, num_nodes: torch.Tensor) -> None:
         B, N = tokens.shape
@@ -129,6 +131,7 @@ class TokenRecyclingDrafter(Drafter):
         # Padding nodes write to the sink row V: no mask-and-compact, so no host sync.
         rows = torch.where(valid, tokens, V).view(B * N)
         self._table.index_copy_(0, rows, cand.view(B * N, self.top_k))
+        self._warm[rows] = True
 
     def propose(self, history: torch.Tensor, lens: torch.Tensor, max_nodes: int) -> DraftTree:
         B = history.shape[0]
@@ -148,5 +151,7 @@ class TokenRecyclingDrafter(Drafter):
         tok[:, 0] = history.gather(1, (lens - 1).view(B, 1)).view(B)
         for idx, par, rank in levels:  # one gather per depth level
             tok[:, idx + 1] = flat[tok[:, par + 1] * self.top_k + rank]  # (B, n_d)
-        count = torch.full((B,), K, dtype=torch.int64, device=history.device)
+        # A root whose row was never written has no candidates: no draft (verifying the cold
+        # placeholder would only waste a forward's rows and teach the controller nothing).
+        count = torch.where(self._warm[tok[:, 0]], K, 0)
         return DraftTree(tok[:, 1:], parents.expand(B, K).contiguous(), count)

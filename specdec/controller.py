@@ -131,14 +131,17 @@ class AcceptanceStats:
     per match-length bucket (bucket 0: no match reported).
 
     Drafters put their likelier nodes first (a K-node draft is the first K nodes of a longer one),
-    so E(K) = 1 + sum_{k < K} p_k whether the draft is a chain or a tree. Each p_k is shrunk
+    so E(K) = 1 + sum_{k < K} p_k whether the draft is a chain or a tree. Counts fade by `memory`
+    per step (a window of ~200 steps): a drafter that warms up (Token Recycling's matrix) or a
+    text that turns repetitive is re-estimated, and a length given up on is eventually retried. Each p_k is shrunk
     toward a prior worth `strength` observations: 1/2 for node 0, and for node k the chain
     extrapolation p_{k-1} * min(1, p_{k-1} / p_{k-2}) of the nodes before it. So a bucket whose
     first nodes are almost always accepted expects deep nodes to be too, and gets to try them
     (a fixed decaying prior would never offer, hence never learn, a long draft).
     """
 
-    def __init__(self, max_nodes=64, buckets=9, strength=2.0):
+    def __init__(self, max_nodes=64, buckets=9, strength=2.0, memory=0.995):
+        self.memory = float(memory)  # per recorded step: old counts fade (drafters warm up, text shifts)
         self.tries = torch.zeros(buckets, max_nodes, dtype=torch.float64)
         self.accepts = torch.zeros(buckets, max_nodes, dtype=torch.float64)
         self.strength = float(strength)
@@ -177,8 +180,8 @@ class AcceptanceStats:
         tried = k < offered.view(-1, 1)
         rows = self.bucket(match_len)
         rows = torch.zeros_like(offered) if rows is None else rows
-        self.tries.index_add_(0, rows, tried.double())
-        self.accepts.index_add_(0, rows, (ok & tried).double())
+        self.tries.mul_(self.memory).index_add_(0, rows, tried.double())
+        self.accepts.mul_(self.memory).index_add_(0, rows, (ok & tried).double())
         self._p = None
 
     def table(self, max_k: int, optimistic: bool = False) -> torch.Tensor:

@@ -46,6 +46,9 @@ def test_bench_runs_and_checks_greedy_outputs(tmp_path, capsys):
     assert set(report["table"]) == {"none", "ngram"}
     assert report["greedy_mismatches"] == {"ngram": []}
     assert report["table"]["none"]["overall"]["speedup"] == pytest.approx(1.0)
+    assert 0 <= report["table"]["ngram"]["overall"]["draft_fraction"] < 1
+    assert "drafting share of step time" in text
+    assert out.with_suffix(".png").stat().st_size > 1000  # the per-category bar chart
 
 
 @pytest.mark.slow

@@ -88,6 +88,7 @@ def test_propose_matches_brute_force_walk(template, max_nodes):
     d.prepare(V, "cpu")
     g = random.Random(max_nodes)
     d.M.copy_(torch.tensor([[g.randrange(V) for _ in range(k)] for _ in range(V)]))
+    d._warm.fill_(True)  # as if every row had been observed
     lens = torch.tensor([g.randint(1, T) for _ in range(B)])
     history = torch.tensor([[g.randrange(V) for _ in range(T)] for _ in range(B)])
     history[torch.arange(T) >= lens.view(B, 1)] = -1  # garbage past each length is never read
@@ -194,3 +195,14 @@ def test_accepts_after_warm_up(model, reference, first_run):
     assert not torch.equal(drafter.M[49], torch.arange(50, 58) % 64)
     warm = specdec.generate(model, PROMPTS, max_new_tokens=24, drafter=drafter, num_draft_tokens=8)
     assert warm.token_ids == reference and warm.stats["mean_accepted_tokens"] > 1.5
+
+
+def test_a_cold_root_gets_no_draft():
+    V, k = 30, 3
+    d = TokenRecyclingDrafter(top_k=k)
+    d.prepare(V, "cpu")
+    history = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    lens = torch.tensor([3, 3])
+    assert d.propose(history, lens, 4).count.tolist() == [0, 0]  # nothing observed yet
+    d.observe(torch.tensor([[6]]), torch.randn(1, 1, V), torch.tensor([1]))  # root 6 gets candidates
+    assert d.propose(history, lens, 4).count.tolist() == [0, 4]
