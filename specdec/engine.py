@@ -90,6 +90,8 @@ def pack(roots: torch.Tensor, draft: DraftTree):
 
 def verify_forward(net, cache, tokens, tree, depth, num_nodes):
     """One forward over every request's tree (depth (B, N) of each node): logits (B, N, V)."""
+    if tokens.shape[1] == 1:  # no drafts: a plain decode step (the model's fast causal path)
+        return net(tokens, cache)
     positions = cache.lens.long().view(-1, 1) + depth
     return net(tokens, cache, positions=positions, num_new=num_nodes.to(torch.int32), tree=tree)
 
