@@ -227,15 +227,25 @@ class SpeculationController:
         return [float(e[k]) / (self.cost(batch_size, 1 + k) + o + (self.draft_seconds if k else 0.0))
                 for k in range(self.max_k + 1)]
 
-    def choose(self, batch_size: int, match_len=None) -> int:
-        e = self.stats.expected_tokens(self.max_k, match_len, batch_size, self.optimistic).sum(dim=0)  # (max_k + 1,)
+    def choose(self, batch_size: int, match_len=None, count=None) -> int:
+        """The draft size K for this step; count (B,): the nodes each request's draft actually has
+        (a request with a K-node budget but a 2-node draft gains at most E(2))."""
+        e = self.stats.expected_tokens(self.max_k, match_len, batch_size, self.optimistic)  # (B, max_k + 1)
+        if count is not None:
+            k = torch.arange(self.max_k + 1).view(1, -1)
+            e = e.expand(count.shape[0], -1).gather(1, torch.minimum(k, count.cpu().long().view(-1, 1)))
+        e = e.sum(dim=0)  # (max_k + 1,)
         rate = self._rates(e, batch_size)
         return max(range(self.max_k + 1), key=rate.__getitem__)
 
     def worth_drafting(self, batch_size: int) -> bool:
         """Whether drafting could pay at this batch size even if every request had the best match
-        length seen so far; if not, the engine skips the drafter's proposal (a plain AR step)."""
-        e = self.stats.table(self.max_k, self.optimistic).max(dim=0).values * batch_size  # the most optimistic bucket, for every request
+        length seen so far; if not, the engine skips the drafter's proposal (a plain AR step).
+
+        On point estimates, not upper bounds: exploring costs a whole batch's verification, so at
+        batch sizes where drafting does not pay, it is retried only once fading counts have
+        drifted back toward the prior (hundreds of steps), not every few steps."""
+        e = self.stats.table(self.max_k).max(dim=0).values * batch_size  # the most optimistic bucket, for every request
         rate = self._rates(e, batch_size)
         return max(range(self.max_k + 1), key=rate.__getitem__) > 0
 

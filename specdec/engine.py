@@ -169,7 +169,7 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
                 budget = 0  # verification is too dear at this batch size: a plain AR step
             draft = drafter.propose(s.history, s.lens, budget) if budget > 0 else DraftTree.empty(Bn, device)
             if controller is not None and budget > 0:
-                draft = truncate(draft, controller.choose(Bn, draft.match_len))
+                draft = truncate(draft, controller.choose(Bn, draft.match_len, draft.count))
         t1 = time.perf_counter()
         with nvtx_range("verify_forward"):
             roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))[:, 0]

@@ -134,6 +134,15 @@ def test_optimism_retries_a_length_that_looked_poor_on_few_observations():
     assert c.choose(1) == 0
 
 
+def test_requests_without_a_draft_expect_nothing_from_it():
+    c = with_rate(0.7)
+    c.cost = synthetic_cost(0.01)
+    k = c.choose(16)
+    assert k > 0
+    assert c.choose(16, count=torch.zeros(16, dtype=torch.int64)) == 0  # nobody has a draft
+    assert c.choose(16, count=torch.tensor([2] * 16)) <= 2  # more nodes than drafted gain nothing
+
+
 def test_no_proposal_when_no_match_length_could_pay():
     c = with_rate(0.9)
     c.cost = synthetic_cost(10.0)  # every extra token about doubles a step: never worth it
