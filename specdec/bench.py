@@ -7,6 +7,7 @@ per question (so drift in machine speed hits all methods alike). Following Spec-
 A multi-turn question continues the conversation with the method's own earlier answer.
 """
 
+import copy
 import datetime
 import json
 import platform
@@ -248,8 +249,6 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
             return "none"
         if d not in fresh:  # built once (a static index from a corpus takes a while), then copied
             fresh[d] = make_drafter(d, **options.get(d, {}))
-        import copy
-
         return copy.deepcopy(fresh[d])
 
     generate(model, "Say hello.", max_new_tokens=4)  # warm-up, untimed (and the controller's cost curve)
@@ -322,16 +321,10 @@ def plot_sweep(report, path):
     for name, pts in series.items():
         xs, ys = zip(*sorted(pts))
         ax.plot(xs, ys, marker="o", label=name, linewidth=2.5 if "auto" in name else 1)
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("speedup over autoregressive")
     s = report["settings"]
-    ax.set_title(f"{s['model']} on {s['device']}", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_plot(fig, ax, path, f"{s['model']} on {s['device']}", legend_columns=2)
 
 
 def plot_report(report, path):
@@ -348,12 +341,20 @@ def plot_report(report, path):
     width = 0.8 / max(len(methods), 1)
     for i, m in enumerate(methods):
         ax.bar([c + i * width for c in range(len(cats))], [table[m][c]["speedup"] for c in cats], width, label=m)
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cats))], cats, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("speedup over autoregressive")
     s = report["settings"]
-    ax.set_title(f"{s['model']} on {s['device']}, {s['questions']} questions, greedy", fontsize=9)
-    ax.legend(fontsize=7, ncol=3)
+    _finish_plot(fig, ax, path, f"{s['model']} on {s['device']}, {s['questions']} questions, greedy",
+                 legend_columns=3)
+
+
+def _finish_plot(fig, ax, path, title, legend_columns):
+    """The parts every speedup plot shares: the AR line at 1, labels, legend; saved and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_ylabel("speedup over autoregressive")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=legend_columns)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

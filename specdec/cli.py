@@ -77,6 +77,17 @@ def default_corpus_path(model):
     return cache_dir() / "corpus" / f"{model.name}.npz"
 
 
+def _write(report, out, plot):
+    """The report as JSON at `out` and its plot beside it (.png), when `out` is given."""
+    if not out:
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 def cmd_bench(args):
     from specdec import bench
 
@@ -91,22 +102,14 @@ def cmd_bench(args):
         report = bench.sweep(model, questions, drafters, sizes, lengths, max_new_tokens=args.max_new_tokens,
                              drafter_options=_drafter_options(args, drafters))
         print(bench.format_sweep(report))
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=1))
-            bench.plot_sweep(report, Path(args.out).with_suffix(".png"))
-            print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+        _write(report, args.out, bench.plot_sweep)
         return
     report = bench.run(model, questions, drafters, max_new_tokens=args.max_new_tokens,
                        num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
                        hf_reference=args.hf_reference, model_path=args.model,
                        drafter_options=_drafter_options(args, drafters))
     print(bench.format_report(report))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        bench.plot_report(report, Path(args.out).with_suffix(".png"))
-        print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    _write(report, args.out, bench.plot_report)
     if any(report.get("greedy_mismatches", {}).values()):
         sys.exit(1)
 
