@@ -359,19 +359,42 @@ def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
     return batch._dense[key]
 
 
+def _sdpa_grouped(q, k, v, mask, scale):
+    """q (B, N, H, D), k and v (B, Hkv, S, D), mask (B, 1, N, S): (B, N, H, D) in fp32.
+
+    The G query heads of a KV head go in as G x N rows of one head (row g * N + i), as the
+    kernel does: the cache is read in place, never repeated G times (SDPA's GQA fallback on CPU
+    copies K and V per query head, which costs more than the attention itself)."""
+    B, N, H, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg = q.float().view(B, N, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * N, D)
+    mask = mask.unsqueeze(2).expand(B, 1, G, N, S).reshape(B, 1, G * N, S)
+    out = F.scaled_dot_product_attention(qg, k.float(), v.float(), attn_mask=mask, scale=scale)
+    return out.view(B, Hkv, G, N, D).permute(0, 3, 1, 2, 4).reshape(B, N, H, D)
+
+
 def tree_attention_reference(q, k_cache, v_cache, batch: AttentionBatch, scale=None):
-    """Dense-mask SDPA in fp32: the ground truth and the CPU path."""
+    """Dense-mask SDPA in fp32: the ground truth and the CPU path.
+
+    A ragged batch (most requests with one new token, a few with a tree) runs as two products:
+    every request's first token, then the other tokens of the requests that have them, so the
+    padding rows cost nothing (on a CPU the attention of a padded batch costs as much as its
+    real rows)."""
     B, N, H, D = q.shape
     kv_len, mask, valid = _reference_plan(batch, N, k_cache.shape[2])
-    k = k_cache[:, :, :kv_len]
-    v = v_cache[:, :, :kv_len]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2).float(), k.float(), v.float(), attn_mask=mask, scale=scale,
-        enable_gqa=k.shape[1] != H,
-    ).transpose(1, 2)  # (B, N, H, D)
-    if valid is not None:  # where, not a product: a padding row past the cache's end holds NaN
-        out = torch.where(valid, out, 0.0)
-    return out.to(q.dtype)
+    k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+    if valid is None:
+        return _sdpa_grouped(q, k, v, mask, scale).to(q.dtype)
+    out = torch.zeros(B, N, H, D, dtype=torch.float32, device=q.device)
+    out[:, :1] = _sdpa_grouped(q[:, :1], k, v, mask[:, :, :1], scale)
+    rows = (batch.num_new > 1).nonzero()[:, 0]  # (B2,) requests with more than one new token
+    if rows.numel():
+        width = int(batch.num_new.max())
+        sub = slice(1, width)
+        out[rows, sub] = _sdpa_grouped(q[rows, sub], k[rows], v[rows], mask[rows, :, sub], scale)
+    # where, not a product: a padding row past the cache's end holds NaN
+    return torch.where(valid, out, 0.0).to(q.dtype)
 
 
 def tree_attention(q, k_cache, v_cache, batch: AttentionBatch, scale=None):

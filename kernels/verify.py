@@ -394,10 +394,42 @@ def _after_reject(p, q, x, rej, siblings):
     return p, q
 
 
+def _verify_greedy(logits, tokens, parents, num_nodes) -> VerifyResult:
+    """The greedy rule alone (every request at temperature 0): one argmax over all nodes, then a
+    walk that follows, level by level, the first child whose token is its parent's argmax."""
+    B, N, _ = logits.shape
+    dev = logits.device
+    best = logits.argmax(-1)  # (B, N) the target's token after each node
+    valid = torch.arange(N, device=dev)[None, :] < num_nodes.to(dev).view(B, 1)
+    parents = torch.where(valid, parents.long(), -2)  # padding nodes are nobody's child
+    hit = valid & (tokens.long() == best.gather(1, parents.clamp(min=0)))  # node matches its parent's argmax
+    hit[:, 0] = False  # the root is never tested
+    nodes = torch.full((B, N), -1, dtype=torch.int64, device=dev)
+    length = torch.zeros(B, dtype=torch.int64, device=dev)
+    node = torch.zeros(B, dtype=torch.int64, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    k = torch.arange(N, device=dev).view(1, N)
+    for _ in range(N - 1):  # at most one level per node
+        child = hit & (parents == node.view(B, 1)) & active.view(B, 1)
+        adv = child.any(1)
+        if not bool(adv.any()):
+            break
+        chosen = torch.where(child, k, N).min(1).values  # siblings in index order: the first match
+        slot = length.clamp(max=N - 1).view(B, 1)
+        nodes.scatter_(1, slot, torch.where(adv.view(B, 1), chosen.view(B, 1), nodes.gather(1, slot)))
+        length += adv.long()
+        node = torch.where(adv, chosen, node)
+        active = adv
+    toks = torch.where(nodes >= 0, tokens.long().gather(1, nodes.clamp(min=0)), -1)
+    return VerifyResult(nodes, toks, length, best.gather(1, node.view(B, 1))[:, 0])
+
+
 def verify_reference(logits, tokens, parents, num_nodes, temperature, top_k, top_p, uniforms,
                      draft_probs=None, siblings="iid") -> VerifyResult:
     """The rules of the module doc, literally, vectorized over requests (a loop over depth and nodes)."""
     _check(logits, tokens, parents, num_nodes, uniforms, draft_probs, siblings)
+    if bool((temperature <= 0).all()):
+        return _verify_greedy(logits, tokens, parents, num_nodes)
     B, N, V = logits.shape
     dev = logits.device
     flat = logits.reshape(B * N, V)

@@ -1,18 +1,20 @@
 """Hardware-aware speculation length (SSSD's insight): draft only as much as pays on this device.
 
-One verification step of B requests with trees of N = 1 + K nodes costs c(B, N) seconds and
-adds, per request b, E_b(K) tokens in expectation. The engine pads every tree to one width, so
-the controller picks one K per step:
+One verification step of B requests whose trees bring T = B + sum_b K_b tokens costs c(B, T)
+seconds (the model runs only the real tokens: `specdec.model.Layout`) and adds, per request b,
+E_b(K_b) tokens in expectation. Each step the controller sizes every request's draft:
 
-    K* = argmax_K  sum_b E_b(K) / (c(B, 1 + K) + d)          K in 0..K_max  (K = 0: plain AR)
+    {K_b} = argmax  sum_b E_b(K_b) / (c(B, B + sum_b K_b) + o)          0 <= K_b <= K_max
 
-with d the drafting time per step. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the online estimate
+with o the step's other fixed work. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the online estimate
 of P(draft node k is accepted): drafters order nodes best first, so for a chain p_k is the chance
 of k + 1 correct tokens and for a tree the chance that its k-th likeliest node lies on the accepted
 path. Kept per drafter and per match-length bucket when the drafter reports one (longer suffix
-matches are accepted more).
+matches are accepted more). Every extra node costs the same, so the best allocation for a given
+T takes the T - B likeliest nodes of the whole batch; the controller sorts them and picks T.
 At batch 1 verification costs little more than a decode step, so K grows; at large batch the
-forward becomes compute-bound, c(B, 1 + K) grows with K, and K* shrinks toward 0.
+forward becomes compute-bound, each node costs a request's share of a step, and only the nodes
+likelier than that share are drafted: the requests with long matches keep drafting, the rest stop.
 
 c(B, N) is measured once per (device, model, dtype) on a grid and cached as JSON.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
-WIDTHS = (1, 2, 3, 5, 9, 17, 33)
+WIDTHS = (1, 1.0625, 1.25, 1.5, 2, 3, 5, 9, 17, 33)  # new tokens per request, on average
 
 
 class CostModel:
@@ -36,18 +38,21 @@ class CostModel:
         self.seconds = [list(row) for row in seconds]  # [len(batches)][len(widths)]
 
     @staticmethod
-    def _bracket(grid, x):
+    def _bracket(grid, x, log):
         x = min(max(x, grid[0]), grid[-1])
+        f = math.log if log else float
         for i in range(len(grid) - 1):
             if x <= grid[i + 1]:
                 lo, hi = grid[i], grid[i + 1]
-                t = 0.0 if hi == lo else (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
+                t = 0.0 if hi == lo else (f(x) - f(lo)) / (f(hi) - f(lo))
                 return i, t
         return len(grid) - 2, 1.0
 
-    def __call__(self, batch: int, width: int) -> float:
-        i, s = self._bracket(self.batches, batch)
-        j, t = self._bracket(self.widths, width)
+    def __call__(self, batch: int, width: float) -> float:
+        """Seconds for B requests with `width` new tokens each (a mean: T = B x width in all);
+        linear in the token count between grid widths, log-linear between grid batches."""
+        i, s = self._bracket(self.batches, batch, log=True)
+        j, t = self._bracket(self.widths, width, log=False)
         c = self.seconds
         top = c[i][j] * (1 - t) + c[i][j + 1] * t
         bottom = c[i + 1][j] * (1 - t) + c[i + 1][j + 1] * t
@@ -65,11 +70,13 @@ class CostModel:
 
     @classmethod
     def measure(cls, net, context=256, batches=BATCHES, widths=WIDTHS, reps=5, max_tokens=None):
-        """Time one verification forward (a chain-shaped tree of N nodes per request, as the
-        engine runs it) of B x N new tokens at `context` cached tokens, for the grid: the median
-        of `reps` runs, made non-decreasing in N (a wider tree never costs less; a dip is noise).
+        """Time one verification forward of B requests bringing T = round(B x width) new tokens,
+        spread as evenly as they go (chains of 1 + j // B or 2 + j // B nodes), at `context` cached
+        tokens, as the engine runs it: a ragged batch takes the packed path, whose first extra token
+        costs more than the next ones. The median of `reps` runs, made non-decreasing in width
+        (a wider tree never costs less; a dip is noise).
 
-        On CPU the grid stops where B x N exceeds `max_tokens` (default 1024 on CPU); the rest is
+        On CPU the grid stops where T exceeds `max_tokens` (default 1024 on CPU); the rest is
         extrapolated linearly in the token count, which is what a compute-bound forward does.
         """
         from kernels.tree_attention import tree_from_parents
@@ -79,17 +86,19 @@ class CostModel:
         seconds = []
         with torch.inference_mode():
             for B in batches:
-                cache = net.new_cache(B, context + max(widths) + 1)
+                cache = net.new_cache(B, context + math.ceil(max(widths)) + 1)
                 cache.lens.fill_(context)
                 row = []
-                for N in widths:
-                    if B * N > max_tokens and row:
-                        row.append(row[-1] * (B * N) / (B * widths[len(row) - 1]))
+                for w in widths:
+                    T = max(B, round(B * w))
+                    if T > max_tokens and row:
+                        row.append(row[-1] * T / max(B, round(B * widths[len(row) - 1])))
                         continue
+                    num_new = 1 + (T - B) // B + (torch.arange(B, device=device) < (T - B) % B).int()  # (B,)
+                    N = int(num_new.max())
                     x = torch.full((B, N), 7, device=device)
                     tree = tree_from_parents(torch.arange(-1, N - 1, device=device).expand(B, N))
                     positions = cache.lens.long().view(B, 1) + torch.arange(N, device=device)
-                    num_new = torch.full((B,), N, dtype=torch.int32, device=device)
                     times = []
                     for _ in range(reps + 1):
                         if device.type == "cuda":
@@ -109,7 +118,8 @@ class CostModel:
         from specdec.loading import cache_dir
 
         dev = torch.cuda.get_device_name(net.device) if net.device.type == "cuda" else f"cpu{torch.get_num_threads()}"
-        key = f"{dev}-{name}-{str(net.dtype).replace('torch.', '')}".replace(" ", "_").replace("/", "_")
+        # v2: ragged widths (packed forwards); a curve measured by an older version is not reused
+        key = f"v2-{dev}-{name}-{str(net.dtype).replace('torch.', '')}".replace(" ", "_").replace("/", "_")
         path = Path(path_dir or cache_dir() / "costs") / f"{key}.json"
         if path.exists():
             return cls.from_json(json.loads(path.read_text()))
@@ -120,7 +130,7 @@ class CostModel:
         if net.device.type == "cuda":
             model = cls.measure(net)
         else:  # a coarser grid: a CPU forward over many tokens takes seconds
-            model = cls.measure(net, batches=(1, 4, 16, 64), widths=(1, 2, 3, 5, 9, 17), max_tokens=512)
+            model = cls.measure(net, batches=(1, 4, 16, 64), widths=WIDTHS[:-1], max_tokens=512)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(model.to_json()))
         return model
@@ -190,11 +200,14 @@ class AcceptanceStats:
         optimistic: each p_k raised by one standard error, sqrt(p (1 - p) / n), so a length that
         looked poor on few observations is tried again (without this, a bucket whose first
         estimate said "do not draft" would never be offered a draft, hence never re-estimated).
+        Nodes never offered keep their prior: optimism about a guess would make a cold start
+        verify deep trees at every batch size, and at large batch that costs whole steps.
         """
         p = self.rates()[:, :max_k]  # (buckets, max_k)
         if optimistic:
-            n = self.tries[:, :max_k] + self.strength
-            p = (p + (p * (1 - p) / n).sqrt()).clamp(max=1.0)
+            tries = self.tries[:, :max_k]
+            bonus = (p * (1 - p) / (tries + self.strength)).sqrt()
+            p = (p + torch.where(tries >= 1, bonus, 0.0)).clamp(max=1.0)
         return torch.cat([torch.ones(self.buckets, 1, dtype=torch.float64), 1 + torch.cumsum(p, dim=1)], dim=1)
 
     def expected_tokens(self, max_k: int, match_len=None, batch_size: int = 1, optimistic=False) -> torch.Tensor:
@@ -206,52 +219,145 @@ class AcceptanceStats:
         return e[rows]
 
 
-class SpeculationController:
-    """Chooses the draft length each step; `observe` feeds it what verification accepted.
+class StepTimeFit:
+    """What a step really costs beyond the measured forward, fitted online:
 
-    The objective's denominator is c(B, 1 + K) + d [K > 0] + o: the measured forward, the
-    drafting time d (a running mean, paid only when drafting) and the step's other fixed work o
-    (verification kernel, cache commit, bookkeeping; a running mean, paid by every step).
+        step - c(B, B) - drafting  =  o + s * (c(B, T) - c(B, B))
+
+    o is the step's fixed work outside the forward (verification kernel, cache commit,
+    bookkeeping), less what the grid over-charges for a plain decode step; s scales the measured price of the extra tokens, which the grid (requests'
+    drafts spread evenly) gets wrong when a few requests bring deep trees. A least-squares fit
+    with fading weights (memory per step), shrunk toward o = 0, s = 1 by `prior` steps' worth
+    of evidence at a typical extra cost `x0` seconds, so that at batch 1 (where every step drafts
+    and the extra cost barely varies) the fixed part cannot leak into s.
+    """
+
+    def __init__(self, memory=0.98, prior=4.0, x0=0.01):
+        self.memory, self.prior, self.x0 = memory, prior, x0
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, extra_cost: float, residual: float):
+        m = self.memory
+        self.n, self.sx, self.sy = m * self.n + 1, m * self.sx + extra_cost, m * self.sy + residual
+        self.sxx, self.sxy = m * self.sxx + extra_cost ** 2, m * self.sxy + extra_cost * residual
+
+    def solve(self):
+        """(o, s): ridge regression with pseudo-observations o = 0 and s = 1."""
+        a, lam = self.prior, self.prior * self.x0 ** 2
+        # normal equations of sum (y - o - s x)^2 + a o^2 + lam (s - 1)^2
+        m11, m12, m22 = self.n + a, self.sx, self.sxx + lam
+        r1, r2 = self.sy, self.sxy + lam
+        det = m11 * m22 - m12 * m12
+        o, s = (m22 * r1 - m12 * r2) / det, (m11 * r2 - m12 * r1) / det
+        return o, min(max(s, 0.5), 8.0)
+
+
+class SpeculationController:
+    """Sizes each request's draft every step; `observe` feeds it what verification accepted and
+    what the step took.
+
+    The objective's denominator is o + c(B, B) + s (c(B, T) - c(B, B)): the measured forward
+    with its extra tokens' price scaled by s, plus the step's other fixed work o (both fitted
+    online, `StepTimeFit`). The drafting time d (a running mean) decides whether to call the
+    drafter at all (`worth_drafting`); once it has proposed, its time is spent whatever the sizes.
     """
 
     def __init__(self, cost: CostModel, max_k: int = 16, draft_seconds: float = 0.0, stats=None):
         self.cost, self.max_k = cost, max_k
         self.stats = stats or AcceptanceStats(max_nodes=max(max_k, 1))
         self.draft_seconds = draft_seconds
-        self.overhead_seconds = 0.0
+        self.fit = StepTimeFit()
         self.optimistic = True  # decide on upper confidence bounds of the acceptance rates
+        self.backoff = {}  # batch size -> [steps to skip before proposing again, steps skipped]
 
-    def _rates(self, e, batch_size: int):
-        """Expected tokens per second for K = 0..max_k, from summed expectations e (max_k + 1,)."""
-        o = self.overhead_seconds
-        return [float(e[k]) / (self.cost(batch_size, 1 + k) + o + (self.draft_seconds if k else 0.0))
-                for k in range(self.max_k + 1)]
+    @property
+    def cost(self) -> CostModel:
+        return self._cost
 
-    def choose(self, batch_size: int, match_len=None, count=None) -> int:
-        """The draft size K for this step; count (B,): the nodes each request's draft actually has
-        (a request with a K-node budget but a 2-node draft gains at most E(2))."""
+    @cost.setter
+    def cost(self, cost: CostModel):
+        self._cost = cost
+        self._curves = {}  # batch size -> (B * max_k + 1,) c(B, B + j) for j extra tokens
+
+    @property
+    def overhead_seconds(self) -> float:
+        return self.fit.solve()[0]
+
+    def step_cost(self, batch_size: int, tokens: int) -> float:
+        """c(B, T): the measured forward over T new tokens of B requests."""
+        return self.cost(batch_size, tokens / batch_size)
+
+    def _curve(self, batch_size: int) -> torch.Tensor:
+        if batch_size not in self._curves:
+            B = batch_size
+            self._curves[B] = torch.tensor([self.step_cost(B, B + j) for j in range(B * self.max_k + 1)],
+                                           dtype=torch.float64)
+        return self._curves[batch_size]
+
+    def step_seconds(self, batch_size: int, extra: int | None = None) -> torch.Tensor:
+        """Predicted step seconds with j = 0..extra extra tokens (all of them when None)."""
+        c = self._curve(batch_size)
+        c = c if extra is None else c[: extra + 1]
+        o, s = self.fit.solve()
+        return o + c[0] + s * (c - c[0])
+
+    def _allocate(self, e: torch.Tensor, draft_seconds: float = 0.0):
+        """Draft sizes (B,) maximizing sum_b E_b(K_b) / (step seconds + d [any K_b > 0]), and that
+        rate. e (B, max_k + 1): E_b(K), -inf where request b has no K-th node."""
+        B, K = e.shape[0], self.max_k
+        gain = e[:, 1:] - e[:, :-1]  # (B, K) node k's acceptance probability
+        gain = torch.cummin(gain.nan_to_num(nan=-1.0, neginf=-1.0), dim=1).values  # nodes come in order
+        order = torch.argsort(-gain.flatten(), stable=True)  # likeliest first; within a row, k order
+        ranked = gain.flatten()[order]
+        usable = int((ranked > 0).sum())
+        total = B + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ranked[:usable], 0)])
+        seconds = self.step_seconds(B, usable).clone()
+        seconds[1:] += draft_seconds
+        rate = total / seconds
+        j = int(torch.argmax(rate))  # the first best: fewer nodes on a tie
+        sizes = torch.bincount(order[:j] // K, minlength=B)
+        return sizes, float(rate[j])
+
+    def choose(self, batch_size: int, match_len=None, count=None) -> torch.Tensor:
+        """Draft sizes K_b (B,) int64 for this step. count (B,): the nodes each request's draft
+        actually has (a request with a K-node budget but a 2-node draft gains at most E(2))."""
         e = self.stats.expected_tokens(self.max_k, match_len, batch_size, self.optimistic)  # (B, max_k + 1)
+        e = e.expand(batch_size, -1)
         if count is not None:
             k = torch.arange(self.max_k + 1).view(1, -1)
-            e = e.expand(count.shape[0], -1).gather(1, torch.minimum(k, count.cpu().long().view(-1, 1)))
-        e = e.sum(dim=0)  # (max_k + 1,)
-        rate = self._rates(e, batch_size)
-        return max(range(self.max_k + 1), key=rate.__getitem__)
+            e = torch.where(k <= count.cpu().long().view(-1, 1), e, float("-inf"))
+        sizes = self._allocate(e)[0]
+        wait = self.backoff.setdefault(batch_size, [0, 0])
+        # Proposals that no request could use: propose again after 1, 2, 4, ... 16 steps.
+        wait[:] = [min(2 * wait[0] + 1, 16), 0] if int(sizes.sum()) == 0 else [0, 0]
+        return sizes
 
     def worth_drafting(self, batch_size: int) -> bool:
         """Whether drafting could pay at this batch size even if every request had the best match
-        length seen so far; if not, the engine skips the drafter's proposal (a plain AR step).
+        length seen so far (drafting time included); if not, the engine skips the drafter's
+        proposal (a plain AR step). When the last proposals at this batch size got no node, the
+        next ones wait 1, 2, 4, ... up to 16 steps: the drafter's time is then spent rarely.
 
-        On point estimates, not upper bounds: exploring costs a whole batch's verification, so at
-        batch sizes where drafting does not pay, it is retried only once fading counts have
-        drifted back toward the prior (hundreds of steps), not every few steps."""
-        e = self.stats.table(self.max_k).max(dim=0).values * batch_size  # the most optimistic bucket, for every request
-        rate = self._rates(e, batch_size)
-        return max(range(self.max_k + 1), key=rate.__getitem__) > 0
+        On point estimates, not upper bounds: exploring costs verification rows, so at batch sizes
+        where drafting does not pay it is retried only once fading counts have drifted back toward
+        the prior (hundreds of steps), not every few steps."""
+        wait = self.backoff.setdefault(batch_size, [0, 0])
+        if wait[1] < wait[0]:  # the last proposals at this batch size were of no use: back off
+            wait[1] += 1
+            return False
+        best = self.stats.table(self.max_k).max(dim=0).values  # the most optimistic bucket, for every request
+        sizes, _ = self._allocate(best.expand(batch_size, -1), self.draft_seconds)
+        return bool(sizes.sum() > 0)
 
-    def observe(self, drafted, accepted, match_len=None, draft_seconds=None, overhead_seconds=None):
+    def observe(self, drafted, accepted, match_len=None, draft_seconds=None, step_seconds=None):
+        """drafted (B,) nodes verified per request, accepted: as `AcceptanceStats.record`;
+        draft_seconds: the drafter's time this step (None: it was not called); step_seconds: the
+        whole step's time, drafting included."""
         self.stats.record(drafted, accepted, match_len)
-        if draft_seconds is not None:  # running means per step
+        if draft_seconds is not None:  # running mean per step
             self.draft_seconds = 0.9 * self.draft_seconds + 0.1 * draft_seconds
-        if overhead_seconds is not None:
-            self.overhead_seconds = 0.9 * self.overhead_seconds + 0.1 * overhead_seconds
+        if step_seconds is not None:
+            B = int(drafted.shape[0])
+            c = self._curve(B)
+            extra = min(int(drafted.sum()), c.shape[0] - 1)
+            self.fit.add(float(c[extra] - c[0]), step_seconds - (draft_seconds or 0.0) - float(c[0]))

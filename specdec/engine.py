@@ -62,11 +62,14 @@ class Batch:
         return Batch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
 
 
-def truncate(draft: DraftTree, width: int) -> DraftTree:
-    """The first `width` nodes of every tree (a prefix of a tree is a tree: parents come first)."""
+def truncate(draft: DraftTree, sizes: torch.Tensor) -> DraftTree:
+    """The first sizes[b] nodes of request b's tree (a prefix of a tree is a tree: parents come first)."""
+    sizes = sizes.to(draft.count.device)
+    count = torch.minimum(draft.count, sizes)
+    width = int(sizes.max()) if sizes.numel() else 0
     probs = None if draft.probs is None else draft.probs[:, : width + 1]
-    return DraftTree(draft.tokens[:, :width], draft.parents[:, :width], draft.count.clamp(max=width), probs,
-                     draft.siblings, draft.match_len)
+    return DraftTree(draft.tokens[:, :width], draft.parents[:, :width], count, probs, draft.siblings,
+                     draft.match_len)
 
 
 def pack(roots: torch.Tensor, draft: DraftTree):
@@ -208,9 +211,8 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             on_path.scatter_(1, result.accept_nodes.clamp(min=0), result.accept_nodes >= 0)
             offered = num_nodes - 1
             drafted = budget > 0
-            rest = (t3 - t0) - controller.cost(Bn, N) - (t1 - t0 + t_obs)  # kernel, commit, bookkeeping
-            controller.observe(offered, on_path[:, 1:], draft.match_len,
-                               t1 - t0 + t_obs if drafted else None, max(rest, 0.0))
+            controller.observe(offered, on_path[:, 1:], draft.match_len, t1 - t0 + t_obs if drafted else None,
+                               t3 - t0)
         stats.steps += 1
         stats.tokens += sum(host_count)
         stats.accept_hist.update(accepted)

@@ -153,11 +153,11 @@ class KVCache(nn.Module):
     def capacity(self) -> int:
         return self.k.shape[3]
 
-    def write(self, layer: int, k_new, v_new, slots):
-        """k_new, v_new (B, N, Hkv, D) into slots (B, N) of `layer`."""
-        b = torch.arange(k_new.shape[0], device=slots.device).view(-1, 1)
-        self.k[layer][b, :, slots] = k_new
-        self.v[layer][b, :, slots] = v_new
+    def write(self, layer: int, k_new, v_new, rows, slots):
+        """k_new, v_new (*, Hkv, D) into sequence rows (*) at slots (*) of `layer` ((B, 1) and
+        (B, N) for a padded batch, (T,) and (T,) for packed tokens)."""
+        self.k[layer][rows, :, slots] = k_new
+        self.v[layer][rows, :, slots] = v_new
 
     def advance(self, num_new: torch.Tensor):
         self.lens += num_new.to(self.lens.dtype)
@@ -194,6 +194,43 @@ class KVCache(nn.Module):
         self.lens = self.lens[index]
 
 
+@dataclass
+class Layout:
+    """Where a forward's new tokens sit: a padded (B, N) grid, or packed to the T valid ones.
+
+    When requests bring different numbers of new tokens (ragged prompts, draft trees of different
+    sizes), the projections and the MLP run on the T valid tokens only: on a compute-bound device
+    padding rows cost as much as real ones. Attention still takes the padded (B, N) grid.
+    """
+
+    B: int
+    N: int
+    rows: torch.Tensor  # (B, 1) or (T,): each token's sequence
+    slots: torch.Tensor  # (B, N) or (T,): each token's cache slot
+    index: torch.Tensor | None = None  # (T,) flat b * N + i of the valid tokens; None: not packed
+
+    @staticmethod
+    def build(lens, num_new, N: int, pack: bool) -> "Layout":
+        B, dev = lens.shape[0], lens.device
+        slots = lens.long().view(B, 1) + torch.arange(N, device=dev).view(1, N)
+        rows = torch.arange(B, device=dev).view(B, 1)
+        if not pack:
+            return Layout(B, N, rows, slots)
+        index = (torch.arange(N, device=dev).view(1, N) < num_new.view(B, 1)).view(-1).nonzero()[:, 0]
+        return Layout(B, N, index // N, slots.view(-1)[index], index)
+
+    def pack(self, x):
+        """(B, N, ...) -> the layout's token shape: (B, N, ...) or (T, ...)."""
+        return x if self.index is None else x.reshape(self.B * self.N, *x.shape[2:])[self.index]
+
+    def unpack(self, x):
+        """The layout's token shape -> (B, N, ...), zeros at padding."""
+        if self.index is None:
+            return x
+        out = x.new_zeros(self.B * self.N, *x.shape[1:])
+        return out.index_copy_(0, self.index, x).view(self.B, self.N, *x.shape[1:])
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -203,15 +240,16 @@ class Attention(nn.Module):
         self.qkv = Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * D, bias=False)
         self.o = Linear(c.num_heads * D, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, slots, batch: AttentionBatch):
-        B, N, _ = x.shape
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, where: Layout, batch: AttentionBatch):
+        """x (*, E) in the layout's token shape ((B, N) or (T,)); cos, sin (*, 1, D/2)."""
+        lead = x.shape[:-1]
         c, D = self.c, self.c.head_dim
         qk, v = self.qkv(x).split([(c.num_heads + c.num_kv_heads) * D, c.num_kv_heads * D], dim=-1)
-        qk = apply_rope(qk.view(B, N, c.num_heads + c.num_kv_heads, D), cos, sin)  # q and k heads at once
-        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=2)  # (B, N, H, D), (B, N, Hkv, D)
-        cache.write(layer, k, v.view(B, N, c.num_kv_heads, D), slots)
-        out = tree_attention(q, cache.k[layer], cache.v[layer], batch)  # (B, N, H, D)
-        return self.o(out.reshape(B, N, c.num_heads * D))
+        qk = apply_rope(qk.view(*lead, c.num_heads + c.num_kv_heads, D), cos, sin)  # q and k heads at once
+        q, k = qk.split([c.num_heads, c.num_kv_heads], dim=-2)  # (*, H, D), (*, Hkv, D)
+        cache.write(layer, k, v.view(*lead, c.num_kv_heads, D), where.rows, where.slots)
+        out = tree_attention(where.unpack(q), cache.k[layer], cache.v[layer], batch)  # (B, N, H, D)
+        return self.o(where.pack(out).reshape(*lead, c.num_heads * D))
 
 
 class MLP(nn.Module):
@@ -233,8 +271,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, cache, layer, slots, batch):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, slots, batch)
+    def forward(self, x, cos, sin, cache, layer, where, batch):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, where, batch)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -268,22 +306,26 @@ class Transformer(nn.Module):
         tokens (B, N) int64; positions (B, N), default lens[b] + i; num_new (B,) valid new
         tokens, default N; tree (B, N, N) ancestor-or-self mask, default causal.
         logits_at (B, M) indices into N of the rows whose logits are wanted (default all).
-        Returns logits (B, M, V) float32. `cache.lens` is left unchanged.
+        Returns logits (B, M, V) float32 (zeros at padding rows). `cache.lens` is left unchanged.
+        With a ragged num_new the matrix products run on the valid tokens only (`Layout`).
         """
         B, N = tokens.shape
         lens = cache.lens
+        ragged = num_new is not None and N > 1 and int(num_new.sum()) < B * N  # one host sync
         if num_new is None:
             num_new = torch.full((B,), N, dtype=torch.int32, device=tokens.device)
-        slots = lens.long().view(B, 1) + torch.arange(N, device=tokens.device).view(1, N)
+        where = Layout.build(lens, num_new, N, pack=ragged)
         if positions is None:
-            positions = slots
-        angles = positions.float().unsqueeze(-1) * self.inv_freq  # (B, N, D/2)
-        cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)  # (B, N, 1, D/2)
+            positions = lens.long().view(B, 1) + torch.arange(N, device=tokens.device).view(1, N)
+        angles = where.pack(positions).float().unsqueeze(-1) * self.inv_freq  # (*, D/2)
+        cos, sin = angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)  # (*, 1, D/2)
         batch = AttentionBatch(lens, num_new.to(torch.int32), tree)
 
-        x = self.embed(tokens)  # (B, N, E)
+        x = self.embed(where.pack(tokens))  # (*, E)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, slots, batch)
+            x = layer(x, cos, sin, cache, i, where, batch)
         if logits_at is not None:  # only the rows that are sampled: the output layer is the largest matmul
+            x = where.unpack(x)
             x = torch.gather(x, 1, logits_at.view(B, -1, 1).expand(-1, -1, x.shape[-1]))
-        return self.lm_head(self.norm(x)).float()
+            return self.lm_head(self.norm(x)).float()
+        return where.unpack(self.lm_head(self.norm(x)).float())

@@ -26,9 +26,23 @@ def with_rate(alpha, max_k=16, n=100_000):
     return c
 
 
-def best_by_brute_force(alpha, cost, batch, max_k):
-    rates = [(1 - alpha ** (k + 1)) / (1 - alpha) * batch / cost(batch, 1 + k) for k in range(max_k + 1)]
-    return max(range(max_k + 1), key=rates.__getitem__)
+def best_by_brute_force(alphas, step_cost, max_k):
+    """Every allocation of draft sizes (K_b), each 0..max_k: the best expected tokens per second.
+    Request b accepts each next token with probability alphas[b] (a chain)."""
+    import itertools
+
+    best = (0.0, None)
+    for sizes in itertools.product(range(max_k + 1), repeat=len(alphas)):
+        tokens = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(alphas, sizes))
+        rate = tokens / step_cost(len(alphas), len(alphas) + sum(sizes))
+        if rate > best[0] + 1e-12:
+            best = (rate, sizes)
+    return best
+
+
+def rate_of(c, alphas, sizes):
+    tokens = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(alphas, sizes.tolist()))
+    return tokens / c.step_cost(len(alphas), len(alphas) + int(sizes.sum()))
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
@@ -37,7 +51,33 @@ def best_by_brute_force(alpha, cost, batch, max_k):
 def test_picks_the_length_that_maximizes_expected_tokens_per_second(alpha, per_token, batch):
     c = with_rate(alpha)
     c.cost = synthetic_cost(per_token)
-    assert c.choose(batch) == best_by_brute_force(alpha, c.cost, batch, c.max_k)
+    sizes = c.choose(batch)
+    assert sizes.shape == (batch,) and int(sizes.max()) - int(sizes.min()) <= 1  # like requests, like drafts
+    # Alone, the exhaustive search over K; in a batch, against every total number of nodes.
+    if batch == 1:
+        want, _ = best_by_brute_force([alpha], c.step_cost, c.max_k)
+    else:
+        want = max(rate_of(c, [alpha] * batch, t // batch + (torch.arange(batch) < t % batch).long())
+                   for t in range(batch * c.max_k + 1))  # every total, spread as evenly as it goes
+    assert rate_of(c, [alpha] * batch, sizes) == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("per_token", [0.01, 0.05, 0.2])
+def test_sizes_each_request_by_its_own_acceptance(per_token):
+    """Requests in different match-length buckets (accepting 0.2, 0.5, 0.8, 0.95 per token): the
+    chosen sizes reach the exhaustive optimum over all 17^4 allocations, and likelier requests
+    draft more."""
+    c = SpeculationController(synthetic_cost(per_token), max_k=16)
+    alphas = [0.2, 0.5, 0.8, 0.95]
+    c.stats = AcceptanceStats(max_nodes=16, buckets=4)
+    c.stats.tries += 100_000
+    for bucket, a in enumerate(alphas):
+        c.stats.accepts[bucket] = 100_000 * a ** torch.arange(1, 17, dtype=torch.float64)
+    c.optimistic = False
+    sizes = c.choose(4, match_len=torch.arange(4))
+    want, want_sizes = best_by_brute_force(alphas, c.step_cost, 16)
+    assert rate_of(c, alphas, sizes) == pytest.approx(want, rel=1e-9), (sizes, want_sizes)
+    assert sizes.tolist() == sorted(sizes.tolist())
 
 
 def test_shrinks_toward_zero_as_the_cost_curve_steepens():
@@ -45,14 +85,14 @@ def test_shrinks_toward_zero_as_the_cost_curve_steepens():
     chosen = []
     for per_token in [0.0, 0.001, 0.01, 0.05, 0.2, 1.0]:
         c.cost = synthetic_cost(per_token)
-        chosen.append(c.choose(16))
-    assert chosen == sorted(chosen, reverse=True) and chosen[0] > 4 and chosen[-1] == 0
+        chosen.append(int(c.choose(16).sum()))
+    assert chosen == sorted(chosen, reverse=True) and chosen[0] > 4 * 16 and chosen[-1] == 0
 
 
 def test_larger_batches_draft_less():
     c = with_rate(0.7)
     c.cost = synthetic_cost(0.01)
-    chosen = [c.choose(b) for b in (1, 4, 16, 64)]
+    chosen = [float(c.choose(b).float().mean()) for b in (1, 4, 16, 64)]
     assert chosen == sorted(chosen, reverse=True) and chosen[-1] < chosen[0]
 
 
@@ -126,21 +166,22 @@ def test_optimism_retries_a_length_that_looked_poor_on_few_observations():
     for _ in range(3):  # three unlucky steps: node 0 rejected
         c.observe(torch.tensor([1]), torch.tensor([0]))
     c.optimistic = False
-    assert c.choose(1) == 0
+    assert c.choose(1).item() == 0
     c.optimistic = True
-    assert c.choose(1) > 0
+    assert c.choose(1).item() > 0
     for _ in range(400):  # now truly rejected, again and again: the bound closes in
         c.observe(torch.tensor([8]), torch.tensor([0]))
-    assert c.choose(1) == 0
+    assert c.choose(1).item() == 0
 
 
 def test_requests_without_a_draft_expect_nothing_from_it():
     c = with_rate(0.7)
     c.cost = synthetic_cost(0.01)
-    k = c.choose(16)
-    assert k > 0
-    assert c.choose(16, count=torch.zeros(16, dtype=torch.int64)) == 0  # nobody has a draft
-    assert c.choose(16, count=torch.tensor([2] * 16)) <= 2  # more nodes than drafted gain nothing
+    assert c.choose(16).sum() > 0
+    assert c.choose(16, count=torch.zeros(16, dtype=torch.int64)).sum() == 0  # nobody has a draft
+    count = torch.tensor([0, 2] * 8)
+    sizes = c.choose(16, count=count)
+    assert torch.all(sizes <= count) and sizes.sum() > 0  # more nodes than drafted gain nothing
 
 
 def test_no_proposal_when_no_match_length_could_pay():

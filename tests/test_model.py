@@ -129,3 +129,25 @@ def test_logits_at_selects_rows(tiny):
     at = torch.tensor([[7], [3]])
     picked = tiny(x, tiny.new_cache(2, 16), logits_at=at)
     torch.testing.assert_close(picked[:, 0], full[torch.arange(2), at[:, 0]], atol=1e-6, rtol=1e-6)
+
+
+def test_ragged_trees_run_packed_and_equal_each_alone(tiny):
+    """Trees of 1, 4 and 2 nodes in one forward: only the 7 real tokens go through the matrix
+    products; every node's logits equal its request's tree run alone, padding rows are zero."""
+    prefix = ids(6, seed=30, batch=3)
+    parents = torch.tensor([[-1, -1, -1, -1], [-1, 0, 0, 1], [-1, 0, -1, -1]])
+    num_new = torch.tensor([1, 4, 2], dtype=torch.int32)
+    tokens = ids(4, seed=31, batch=3)
+    tree = tree_from_parents(parents)
+    positions = 6 + tree.sum(-1) - 1
+    cache = tiny.new_cache(3, 16)
+    tiny(prefix, cache)
+    cache.advance(torch.full((3,), 6, dtype=torch.int32))
+    logits = tiny(tokens, cache, positions=positions, num_new=num_new, tree=tree)
+    for b, n in enumerate(num_new.tolist()):
+        alone = tiny.new_cache(1, 16)
+        tiny(prefix[b : b + 1], alone)
+        alone.advance(torch.tensor([6], dtype=torch.int32))
+        ref = tiny(tokens[b : b + 1, :n], alone, positions=positions[b : b + 1, :n], tree=tree[b : b + 1, :n, :n])
+        torch.testing.assert_close(logits[b, :n], ref[0], atol=1e-5, rtol=1e-5)
+        assert torch.all(logits[b, n:] == 0)

@@ -421,6 +421,22 @@ def test_mixed_greedy_and_sampled_batch(impl, poison_empty):
         assert both.accept_tokens[b, : len(path) - 1].tolist() + [int(both.next_token[b])] == argmaxes
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_all_greedy_batch_takes_the_argmax_walk(seed, poison_empty):
+    """A batch where every request is greedy skips the sampling machinery (one argmax over all
+    nodes, then the walk): the same result as the general walk and as the kernel."""
+    *args, draft = random_trees(16, 9, 6, seed, "deterministic", greedy=1.0)
+    assert (args[0].argmax(-1).gather(1, args[2].clamp(0, 8)) == args[1]).sum() > 16  # walks go deep
+    fast = verify_reference(*args)
+    sampled_row = [torch.cat([a, a[:1]]) for a in args]
+    sampled_row[4][-1] = 1.0  # one sampled request: the general walk for the whole batch
+    general = verify_reference(*sampled_row)
+    kernel = verify_triton(*args)
+    for f in FIELDS:
+        assert torch.equal(getattr(fast, f), getattr(general, f)[:16]), f
+        assert torch.equal(getattr(fast, f), getattr(kernel, f)), f
+
+
 def test_dispatch(monkeypatch):
     *args, draft = random_trees(3, 4, 16, 11, "iid")
     monkeypatch.setenv("SPECDEC_KERNELS", "torch")
