@@ -215,3 +215,46 @@ def test_engine_skips_the_drafter_when_speculation_cannot_pay(tmp_path, monkeypa
     assert make_controller(m, "auto", spy) is controller  # what it learned carries to the next call
     assert make_controller(m, "auto", Spy()) is not controller
     assert out.stats["prefill_seconds"] > 0 and out.stats["decode_tokens_per_s"] > 0
+
+
+def test_step_time_fit_recovers_fixed_work_and_the_price_of_extra_tokens():
+    from specdec.controller import StepTimeFit
+
+    fit = StepTimeFit(memory=1.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):  # steps with 0 to 40 ms of extra tokens, 3 ms of fixed work, extras 1.5x dearer
+        x = float(torch.rand((), generator=g)) * 0.04
+        fit.add(x, 0.003 + 1.5 * x + 0.0005 * float(torch.randn((), generator=g)))
+    o, s = fit.solve()
+    assert o == pytest.approx(0.003, abs=5e-4) and s == pytest.approx(1.5, abs=0.05)
+    flat = StepTimeFit(memory=1.0)
+    for _ in range(400):  # batch 1: the extra cost never varies; the fixed part must not leak into s
+        flat.add(0.001, 0.004)
+    o, s = flat.solve()
+    assert s == pytest.approx(1.0, abs=0.1) and o == pytest.approx(0.003, abs=3e-4)
+
+
+def test_fitted_price_of_extra_tokens_changes_the_choice():
+    c = with_rate(0.6)
+    c.cost = synthetic_cost(0.02)
+    cheap = int(c.choose(16).sum())
+    grid = c.cost(16, 5) - c.cost(16, 1)  # what 64 extra tokens cost on the grid
+    for _ in range(200):  # every extra token turns out 3x dearer than the grid says
+        c.fit.add(grid, 3 * grid)
+    assert 0 <= int(c.choose(16).sum()) < cheap
+
+
+def test_useless_proposals_back_off():
+    c = with_rate(0.9)
+    c.cost = synthetic_cost(0.0)
+    assert c.worth_drafting(4)
+    asked = []
+    for _ in range(80):  # every proposal comes back empty (no request has a draft)
+        ok = c.worth_drafting(4)
+        asked.append(ok)
+        if ok:
+            c.choose(4, count=torch.zeros(4, dtype=torch.int64))
+    gaps = [j - i - 1 for i, j in zip([i for i, a in enumerate(asked) if a], [i for i, a in enumerate(asked) if a][1:])]
+    assert gaps[:5] == [1, 3, 7, 15, 16]
+    c.choose(4, count=torch.full((4,), 8))  # a useful proposal: ask every step again
+    assert c.worth_drafting(4) and c.worth_drafting(4)
