@@ -389,10 +389,8 @@ def tree_attention_reference(q, k_cache, v_cache, batch: AttentionBatch, scale=N
     out = torch.zeros(B, N, H, D, dtype=torch.float32, device=q.device)
     out[:, :1] = _sdpa_grouped(q[:, :1], k, v, mask[:, :, :1], scale)
     rows = (batch.num_new > 1).nonzero()[:, 0]  # (B2,) requests with more than one new token
-    if rows.numel():
-        width = int(batch.num_new.max())
-        sub = slice(1, width)
-        out[rows, sub] = _sdpa_grouped(q[rows, sub], k[rows], v[rows], mask[rows, :, sub], scale)
+    if rows.numel():  # their shorter trees' padding rows are zeroed below
+        out[rows, 1:] = _sdpa_grouped(q[rows, 1:], k[rows], v[rows], mask[rows, :, 1:], scale)
     # where, not a product: a padding row past the cache's end holds NaN
     return torch.where(valid, out, 0.0).to(q.dtype)
 

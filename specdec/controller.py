@@ -279,10 +279,6 @@ class SpeculationController:
         self._cost = cost
         self._curves = {}  # batch size -> (B * max_k + 1,) c(B, B + j) for j extra tokens
 
-    @property
-    def overhead_seconds(self) -> float:
-        return self.fit.solve()[0]
-
     def step_cost(self, batch_size: int, tokens: int) -> float:
         """c(B, T): the measured forward over T new tokens of B requests."""
         return self.cost(batch_size, tokens / batch_size)
@@ -311,7 +307,7 @@ class SpeculationController:
         ranked = gain.flatten()[order]
         usable = int((ranked > 0).sum())
         total = B + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ranked[:usable], 0)])
-        seconds = self.step_seconds(B, usable).clone()
+        seconds = self.step_seconds(B, usable)  # a fresh tensor
         seconds[1:] += draft_seconds
         rate = total / seconds
         j = int(torch.argmax(rate))  # the first best: fewer nodes on a tie

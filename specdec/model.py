@@ -210,9 +210,9 @@ class Layout:
     index: torch.Tensor | None = None  # (T,) flat b * N + i of the valid tokens; None: not packed
 
     @staticmethod
-    def build(lens, num_new, N: int, pack: bool) -> "Layout":
-        B, dev = lens.shape[0], lens.device
-        slots = lens.long().view(B, 1) + torch.arange(N, device=dev).view(1, N)
+    def build(slots, num_new, pack: bool) -> "Layout":
+        """slots (B, N): cache slot of every new token, padding included."""
+        (B, N), dev = slots.shape, slots.device
         rows = torch.arange(B, device=dev).view(B, 1)
         if not pack:
             return Layout(B, N, rows, slots)
@@ -314,9 +314,10 @@ class Transformer(nn.Module):
         ragged = num_new is not None and N > 1 and int(num_new.sum()) < B * N  # one host sync
         if num_new is None:
             num_new = torch.full((B,), N, dtype=torch.int32, device=tokens.device)
-        where = Layout.build(lens, num_new, N, pack=ragged)
+        slots = lens.long().view(B, 1) + torch.arange(N, device=tokens.device).view(1, N)
+        where = Layout.build(slots, num_new, pack=ragged)
         if positions is None:
-            positions = lens.long().view(B, 1) + torch.arange(N, device=tokens.device).view(1, N)
+            positions = slots
         angles = where.pack(positions).float().unsqueeze(-1) * self.inv_freq  # (*, D/2)
         cos, sin = angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)  # (*, 1, D/2)
         batch = AttentionBatch(lens, num_new.to(torch.int32), tree)
