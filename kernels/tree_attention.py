@@ -349,13 +349,25 @@ def _dense_mask(prefix_lens, num_new, tree, n, kv_len):
 
 
 def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
-    """(kv_len, dense mask, padding-row mask or None), computed once per forward, not per layer."""
+    """(kv_len, dense mask, padding-row mask or None, requests with extra tokens or None),
+    computed once per forward, not per layer (host syncs: fine on the CPU path).
+
+    A ragged batch whose padding would more than triple the query rows (a few requests with deep
+    trees) runs as two products, every request's first token, then the extra tokens of the requests
+    that have them (`extra`: a list when there are so few that views beat a gathered copy of their
+    caches). Otherwise one padded product is cheaper than splitting it (each product has a fixed
+    cost, and gathering the extra rows' K/V copies them)."""
     key = ("plan", n, capacity)
     if key not in batch._dense:
-        kv_len = min(int((batch.prefix_lens + n).max()), capacity)  # host sync: fine on the CPU path
+        kv_len = min(int((batch.prefix_lens + n).max()), capacity)
         valid = torch.arange(n, device=batch.num_new.device).view(1, n) < batch.num_new.view(-1, 1)
-        padded = None if bool(valid.all()) else valid.view(-1, n, 1, 1)
-        batch._dense[key] = (kv_len, batch.dense_mask(n, kv_len), padded)
+        padded, extra = None, None
+        if not bool(valid.all()):
+            padded = valid.view(-1, n, 1, 1)
+            if valid.numel() > 3 * int(batch.num_new.sum()):
+                extra = (batch.num_new > 1).nonzero()[:, 0]  # (B2,)
+                extra = extra.tolist() if extra.numel() <= 2 else extra
+        batch._dense[key] = (kv_len, batch.dense_mask(n, kv_len), padded, extra)
     return batch._dense[key]
 
 
@@ -377,20 +389,23 @@ def _sdpa_grouped(q, k, v, mask, scale):
 def tree_attention_reference(q, k_cache, v_cache, batch: AttentionBatch, scale=None):
     """Dense-mask SDPA in fp32: the ground truth and the CPU path.
 
-    A ragged batch (most requests with one new token, a few with a tree) runs as two products:
-    every request's first token, then the other tokens of the requests that have them, so the
-    padding rows cost nothing (on a CPU the attention of a padded batch costs as much as its
-    real rows)."""
+    A ragged batch with few requests bringing trees may run as two products, so that most
+    padding rows cost nothing (on a CPU the attention of a padding row costs as much as a real
+    one): see `_reference_plan`."""
     B, N, H, D = q.shape
-    kv_len, mask, valid = _reference_plan(batch, N, k_cache.shape[2])
+    kv_len, mask, valid, extra = _reference_plan(batch, N, k_cache.shape[2])
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-    if valid is None:
-        return _sdpa_grouped(q, k, v, mask, scale).to(q.dtype)
+    if extra is None:
+        out = _sdpa_grouped(q, k, v, mask, scale)
+        return out.to(q.dtype) if valid is None else torch.where(valid, out, 0.0).to(q.dtype)
     out = torch.zeros(B, N, H, D, dtype=torch.float32, device=q.device)
     out[:, :1] = _sdpa_grouped(q[:, :1], k, v, mask[:, :, :1], scale)
-    rows = (batch.num_new > 1).nonzero()[:, 0]  # (B2,) requests with more than one new token
-    if rows.numel():  # their shorter trees' padding rows are zeroed below
-        out[rows, 1:] = _sdpa_grouped(q[rows, 1:], k[rows], v[rows], mask[rows, :, 1:], scale)
+    if isinstance(extra, list):  # one or two requests: their caches as views, not gathered copies
+        for b in extra:
+            out[b : b + 1, 1:] = _sdpa_grouped(q[b : b + 1, 1:], k[b : b + 1], v[b : b + 1], mask[b : b + 1, :, 1:],
+                                               scale)
+    else:  # their shorter trees' padding rows are zeroed below
+        out[extra, 1:] = _sdpa_grouped(q[extra, 1:], k[extra], v[extra], mask[extra, :, 1:], scale)
     # where, not a product: a padding row past the cache's end holds NaN
     return torch.where(valid, out, 0.0).to(q.dtype)
 

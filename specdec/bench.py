@@ -224,22 +224,35 @@ def exclude(questions, measured):
 
 
 def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_new_tokens=64,
-          drafter_options=None, progress=True):
+          drafter_options=None, warmup=(), progress=True):
     """Decode throughput by batch size.
 
     For every batch size B, the turn-1 prompts are decoded B at a time (ceil(n / B) batches, taking
     prompts cyclically, so every prompt runs at least once) with "none" and each drafter at each
-    fixed draft length and "auto". Timing is decode only (after the prefill, which no drafter
-    changes and which on CPU would otherwise dominate large batches of long prompts). Reports
-    tokens/s of the batch, per-request seconds per output token, MAT, the drafting share of step
-    time and the speedup over "none" at the same batch size. Every (drafter, length, batch size)
-    gets a fresh drafter instance, so nothing learned from one run's outputs helps the next.
+    fixed draft length and "auto", interleaved batch by batch (drift in machine speed hits every
+    configuration alike). Timing is decode only (after the prefill, which no drafter changes and
+    which on CPU would otherwise dominate large batches of long prompts). Reports tokens/s of the
+    batch, per-request seconds per output token, MAT, the drafting share of step time and the
+    speedup over "none" at the same batch size.
+
+    Every (drafter, length, batch size) gets a fresh drafter instance, so nothing learned from one
+    configuration's outputs helps another. With `warmup` questions (disjoint from the measured
+    ones), each configuration first decodes one untimed batch of B of them: its drafter and its
+    controller start the measured prompts in the state a server would have them in, not cold.
     """
     from tqdm import tqdm
 
     from drafters import make_drafter
 
-    prompts = [conversation_ids(model.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
+    def turn_one(qs):
+        return [conversation_ids(model.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in qs]
+
+    def cyclic(ps, B, j):
+        return [ps[(j * B + i) % len(ps)] for i in range(B)]
+
+    if {q["question_id"] for q in warmup} & {q["question_id"] for q in questions}:
+        raise ValueError("warm-up questions must not include measured ones")
+    prompts, warm = turn_one(questions), turn_one(warmup)
     configs = [("none", 0)] + [(d, k) for d in drafters if d != "none" for k in [*draft_lengths, "auto"]]
     options = drafter_options or {}
     fresh = {}
@@ -251,39 +264,46 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
             fresh[d] = make_drafter(d, **options.get(d, {}))
         return copy.deepcopy(fresh[d])
 
+    def decode(batch, d, k, drafter):
+        return generate(model, batch, max_new_tokens=max_new_tokens, drafter=drafter,
+                        num_draft_tokens=k if d != "none" else 0)
+
     generate(model, "Say hello.", max_new_tokens=4)  # warm-up, untimed (and the controller's cost curve)
     generate(model, "Say hello.", max_new_tokens=4, drafter="ngram", num_draft_tokens="auto")
     results = []
     for B in tqdm(batch_sizes, desc="batch sizes", disable=not progress):
-        n_batches = -(-len(prompts) // B)
-        batches = [[prompts[(j * B + i) % len(prompts)] for i in range(B)] for j in range(n_batches)]
-        for d, k in configs:
-            drafter = drafter_for(d)
-            tokens = seconds = per_token = request_steps = draft = total = 0.0
-            for batch in batches:
-                r = generate(model, batch, max_new_tokens=max_new_tokens, drafter=drafter,
-                             num_draft_tokens=k if d != "none" else 0)
+        batches = [cyclic(prompts, B, j) for j in range(-(-len(prompts) // B))]
+        instances = {c: drafter_for(c[0]) for c in configs}
+        if warm:
+            for (d, k), drafter in instances.items():
+                decode(cyclic(warm, B, 0), d, k, drafter)
+        acc = {c: defaultdict(float) for c in configs}
+        for batch in batches:
+            for (d, k), drafter in instances.items():
+                r = decode(batch, d, k, drafter)
                 st = r.stats
-                decode_s = st["seconds"] - st["prefill_seconds"]
-                tokens += st["tokens"] - len(batch)
-                seconds += decode_s
-                per_token += decode_s / max(1, max(len(t) for t in r.token_ids) - 1) * len(batch)
-                request_steps += sum(st.get("accepted_length_histogram", {}).values())
+                a, decode_s = acc[(d, k)], st["seconds"] - st["prefill_seconds"]
+                a["tokens"] += st["tokens"] - len(batch)
+                a["seconds"] += decode_s
+                a["per_token"] += decode_s / max(1, max(len(t) for t in r.token_ids) - 1) * len(batch)
+                a["request_steps"] += sum(st.get("accepted_length_histogram", {}).values())
                 split = st.get("time_split", {})
-                draft += split.get("draft", 0.0)
-                total += sum(split.values())
+                a["draft"] += split.get("draft", 0.0)
+                a["total"] += sum(split.values())
+        for (d, k), a in acc.items():
             requests = len(batches) * B
-            results.append(dict(batch=B, drafter=d, num_draft_tokens=k, requests=requests, decode_tokens=int(tokens),
-                                decode_seconds=seconds, tokens_per_s=tokens / seconds,
-                                seconds_per_token=per_token / requests,
-                                mean_accepted_tokens=tokens / request_steps if request_steps else 1.0,
-                                draft_fraction=draft / total if total else 0.0))
+            results.append(dict(batch=B, drafter=d, num_draft_tokens=k, requests=requests,
+                                decode_tokens=int(a["tokens"]), decode_seconds=a["seconds"],
+                                tokens_per_s=a["tokens"] / a["seconds"], seconds_per_token=a["per_token"] / requests,
+                                mean_accepted_tokens=a["tokens"] / a["request_steps"] if a["request_steps"] else 1.0,
+                                draft_fraction=a["draft"] / a["total"] if a["total"] else 0.0))
     base = {r["batch"]: r["tokens_per_s"] for r in results if r["drafter"] == "none"}
     for r in results:
         r["speedup"] = r["tokens_per_s"] / base[r["batch"]]
     return dict(settings=dict(model=model.name, device=device_name(model.device),
                               dtype=str(model.dtype).replace("torch.", ""), max_new_tokens=max_new_tokens,
-                              questions=len(questions), timing="decode only (after prefill)",
+                              questions=len(questions), warmup_questions=len(warmup),
+                              timing="decode only (after prefill), configurations interleaved per batch",
                               date=datetime.date.today().isoformat()), sweep=results)
 
 

@@ -101,9 +101,10 @@ def verify_forward(net, cache, tokens, tree, depth, num_nodes):
 
 def commit(cache, result: VerifyResult):
     """Keep the root and the accepted path in the KV cache."""
-    B = result.accept_len.shape[0]
+    B, N = result.accept_nodes.shape
+    # At most N - 1 drafts are accepted: a step without drafts commits the root alone (no copy)
     path = torch.cat([torch.zeros(B, 1, dtype=torch.int64, device=result.accept_len.device),
-                      result.accept_nodes.clamp(min=0)], dim=1)
+                      result.accept_nodes[:, : N - 1].clamp(min=0)], dim=1)
     cache.commit(path, 1 + result.accept_len)
 
 

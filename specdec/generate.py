@@ -124,14 +124,17 @@ def eos_tensor(model: Model, device):
 
 @torch.inference_mode()
 def autoregressive(model: Model, prompt_ids, max_new_tokens: int, params: SamplingParams):
-    """Plain AR decoding of a ragged batch. Returns (generated ids per prompt, stats)."""
+    """Plain AR decoding of a ragged batch. Returns (generated ids per prompt, stats).
+
+    A request that emits EOS leaves the batch (its cache rows with it), as in the speculative
+    engine: finished requests cost no forward rows in either, so neither is favoured."""
     net, device = model.net, model.device
     B = len(prompt_ids)
     temperature, top_k, top_p, seeds = params.tensors(B, device)
     eos = eos_tensor(model, device)
     cache = net.new_cache(B, max(len(p) for p in prompt_ids) + max_new_tokens)
     out = torch.full((B, max_new_tokens), -1, dtype=torch.int64, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    active = torch.arange(B, device=device)  # (B',) the requests still decoding
     one = torch.ones(B, dtype=torch.int32, device=device)
 
     t0 = time.perf_counter()
@@ -142,13 +145,20 @@ def autoregressive(model: Model, prompt_ids, max_new_tokens: int, params: Sampli
     steps = 0
     for t in range(max_new_tokens):
         u = None if params.greedy else uniforms(seeds, torch.full_like(seeds, t), 1)[:, 0]
-        token = sample(logits, temperature, top_k, top_p, u)  # (B,)
-        out[:, t] = torch.where(done, -1, token)
-        done |= torch.isin(token, eos)
+        token = sample(logits, temperature, top_k, top_p, u)  # (B',)
+        out[active, t] = token
         steps += 1
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1:
             break
-        logits = net(token.view(B, 1), cache)[:, 0]  # (B, V)
+        finished = torch.isin(token, eos)
+        if bool(finished.any()):  # one host sync per step, as the loop test needs anyway
+            keep = (~finished).nonzero()[:, 0]
+            if keep.numel() == 0:
+                break
+            active, token, one = active[keep], token[keep], one[keep]
+            temperature, top_k, top_p, seeds = (x[keep] for x in (temperature, top_k, top_p, seeds))
+            cache.reorder(keep)
+        logits = net(token.view(-1, 1), cache)[:, 0]  # (B', V)
         cache.advance(one)
     ids = [[x for x in row if x >= 0] for row in out[:, :steps].tolist()]  # .tolist() syncs
     return ids, dict(prefill_seconds=t_prefill, decode_steps=steps)

@@ -171,10 +171,14 @@ class KVCache(nn.Module):
 
         The kept tokens move to slots lens[b] + 0..count[b]-1, so the cache equals one built
         by feeding only those tokens. nodes must be increasing along each row (a tree path in
-        topological order), which makes nodes[b, j] >= j and the gather-then-write safe.
+        topological order), which makes nodes[b, j] >= j and the gather-then-write safe, and
+        start at node 0 (a path starts at the tree's root, the first new token).
         """
         B, K = nodes.shape
         if K == 0:
+            return
+        if K == 1:  # only the root (a step without drafts): it is already in place
+            self.lens += count.to(self.lens.dtype)
             return
         j = torch.arange(K, device=nodes.device).view(1, K)
         keep = j < count.view(B, 1)

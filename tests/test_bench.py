@@ -48,7 +48,13 @@ def test_bench_runs_and_checks_greedy_outputs(tmp_path, capsys):
     assert report["table"]["none"]["overall"]["speedup"] == pytest.approx(1.0)
     assert 0 <= report["table"]["ngram"]["overall"]["draft_fraction"] < 1
     assert "drafting share of step time" in text
-    assert out.with_suffix(".png").stat().st_size > 1000  # the per-category bar chart
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_sweep_refuses_to_warm_up_on_measured_questions():
+    questions = bench.load_questions(limit=3)
+    with pytest.raises(ValueError, match="warm-up"):
+        bench.sweep(None, questions, ["ngram"], [1], warmup=questions[2:])  # the per-category bar chart
 
 
 @pytest.mark.slow
@@ -77,7 +83,7 @@ def test_cli_errors(capsys):
 def test_batch_size_sweep_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "sweep.json"
     main(["bench", "--batch-sizes", "1,2", "--draft-lengths", "3", "--limit", "2", "--max-new-tokens", "6",
-          "--drafters", "ngram", "--device", "cpu", "--out", str(out)])
+          "--drafters", "ngram", "--device", "cpu", "--warmup", "1", "--out", str(out)])
     text = capsys.readouterr().out
     assert "auto vs best fixed length: batch 2 ngram" in text
     rows = json.loads(out.read_text())["sweep"]
@@ -85,3 +91,10 @@ def test_batch_size_sweep_writes_table_json_and_plot(tmp_path, capsys):
         (b, d, k) for b in (1, 2) for d, k in [("none", 0), ("ngram", 3), ("ngram", "auto")]}
     assert all(r["speedup"] == 1.0 for r in rows if r["drafter"] == "none")
     assert out.with_suffix(".png").stat().st_size > 1000
+    assert json.loads(out.read_text())["settings"]["warmup_questions"] == 1
+
+
+def test_sweep_refuses_to_warm_up_on_measured_questions():
+    questions = bench.load_questions(limit=3)
+    with pytest.raises(ValueError, match="warm-up"):
+        bench.sweep(None, questions, ["ngram"], [1], warmup=questions[2:])

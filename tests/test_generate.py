@@ -47,6 +47,20 @@ def test_stops_at_eos_and_max_new_tokens(model):
     assert len(specdec.generate(model, PROMPTS[1], max_new_tokens=1).token_ids[0]) == 1
 
 
+def test_requests_that_stop_early_leave_the_batch_without_changing_the_others(model):
+    """AR drops a request from the batch when it emits EOS; the rest decode as they would alone."""
+    alone = [specdec.generate(model, p, max_new_tokens=12).token_ids[0] for p in PROMPTS]
+    eos = model.config.eos_token_ids
+    model.config.eos_token_ids = (alone[1][2],)  # request 1 stops after 3 tokens
+    try:
+        want = [specdec.generate(model, p, max_new_tokens=12).token_ids[0] for p in PROMPTS]
+        got = specdec.generate(model, PROMPTS, max_new_tokens=12).token_ids
+    finally:
+        model.config.eos_token_ids = eos
+    assert len(want[1]) <= 3 and any(len(w) == 12 for w in want)
+    assert got == want
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(model):
     kw = dict(max_new_tokens=15, temperature=1.0, seed=7)
     a = specdec.generate(model, [PROMPTS[0], PROMPTS[1]], **kw).token_ids

@@ -103,6 +103,19 @@ def test_commit_tree_path_equals_feeding_only_the_path(tiny):
     torch.testing.assert_close(tiny(nxt, cache), tiny(nxt, ref_cache), atol=1e-5, rtol=1e-5)
 
 
+def test_commit_of_the_root_alone_keeps_it_in_place(tiny):
+    cache = tiny.new_cache(2, 16)
+    tiny(ids(4, seed=40, batch=2), cache)
+    before = cache.k.clone()
+    cache.commit(torch.zeros(2, 1, dtype=torch.int64), torch.tensor([1, 1]))
+    assert cache.lens.tolist() == [1, 1] and torch.equal(cache.k, before)
+    ref = tiny.new_cache(2, 16)  # fed only the first token of each row
+    tiny(ids(4, seed=40, batch=2)[:, :1], ref)
+    ref.advance(torch.ones(2, dtype=torch.int32))
+    nxt = ids(1, seed=41, batch=2)
+    torch.testing.assert_close(tiny(nxt, cache), tiny(nxt, ref), atol=1e-5, rtol=1e-5)
+
+
 def test_ragged_batch_equals_each_alone(tiny):
     seqs = [ids(n, seed=10 + n)[0] for n in (3, 11, 1, 7)]
     B, N = len(seqs), 11

@@ -172,6 +172,31 @@ def test_each_node_attends_to_exactly_its_path(num_splits, poison_empty):
     torch.testing.assert_close(out.cpu(), expected, **TOL)
 
 
+@pytest.mark.parametrize("num_new, plan", [
+    ([2, 1, 1, 1], "padded"),  # padding adds at most 2x the rows: one product
+    ([9, 1, 1, 1, 1, 1], "views"),  # one deep tree: first tokens, then its rows on a view of its cache
+    ([9, 4, 9] + [1] * 13, "gathered"),  # three trees among 16: their caches gathered
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_reference_ragged_plans_attend_to_exactly_the_path(num_new, plan):
+    """The CPU reference splits a ragged batch in one of three ways; each must give every
+    node exactly its path's attention and zero at padding."""
+    from kernels.tree_attention import _reference_plan
+
+    gen = torch.Generator().manual_seed(len(num_new))
+    B, N = len(num_new), max(num_new)
+    prefix = i32([(5 * b) % 23 for b in range(B)])
+    q, k, v = make_qkv(B, N, 3, 1, 16, 23 + N, gen, device="cpu")
+    parents = random_parents(B, N, gen, forest=True)
+    batch = AttentionBatch(prefix.cpu(), i32(num_new).cpu(), tree_from_parents(parents))
+    extra = _reference_plan(batch, N, k.shape[2])[3]
+    assert {"padded": extra is None, "views": isinstance(extra, list),
+            "gathered": torch.is_tensor(extra)}[plan]
+    out = tree_attention_reference(q, k, v, batch)
+    torch.testing.assert_close(out, path_attention(q, k, v, prefix.cpu(), i32(num_new).cpu(), parents), **TOL)
+    for b, n in enumerate(num_new):
+        assert (out[b, n:] == 0).all(), "padding rows must be zero"
+
+
 @pytest.mark.parametrize("N", [7, 16], ids=lambda n: f"N{n}")
 def test_chain_equals_causal(N, poison_empty):
     gen = torch.Generator().manual_seed(N)
