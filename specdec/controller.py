@@ -258,6 +258,13 @@ class SpeculationController:
     with its extra tokens' price scaled by s, plus the step's other fixed work o (both fitted
     online, `StepTimeFit`). The drafting time d (a running mean) decides whether to call the
     drafter at all (`worth_drafting`); once it has proposed, its time is spent whatever the sizes.
+
+    The numerator is calibrated on the controller's own record: every expected gain E_b(K) - 1
+    is scaled by kappa = (accepted + a) / (promised + a), the draft tokens verification accepted
+    over those the chosen sizes promised, fading with the acceptance counts (a = `calibration_prior`
+    tokens of agreement). Choosing the nodes whose estimates came out highest promises more than
+    they deliver (selection bias), most where the estimates rest on few steps; kappa < 1 then
+    raises the bar where a draft's gain is slim (larger batches), and barely moves it at batch 1.
     """
 
     def __init__(self, cost: CostModel, max_k: int = 16, draft_seconds: float = 0.0, stats=None):
@@ -265,7 +272,10 @@ class SpeculationController:
         self.stats = stats or AcceptanceStats(max_nodes=max(max_k, 1))
         self.draft_seconds = draft_seconds
         self.fit = StepTimeFit()
-        self.backoff = {}  # batch size -> [steps to skip before proposing again, steps skipped]
+        self.backoff = {}
+        self.calibration_prior = 8.0
+        self.promised = self.delivered = 0.0  # fading sums of expected and accepted draft tokens
+        self._promise = None  # this step's expected accepted draft tokens, from `choose`  # batch size -> [steps to skip before proposing again, steps skipped]
 
     @property
     def cost(self) -> CostModel:
@@ -294,11 +304,17 @@ class SpeculationController:
         o, s = self.fit.solve()
         return o + c[0] + s * (c - c[0])
 
+    @property
+    def kappa(self) -> float:
+        """Accepted over promised draft tokens, shrunk toward 1 (see the class docstring)."""
+        a = self.calibration_prior
+        return (self.delivered + a) / (self.promised + a)
+
     def _allocate(self, e: torch.Tensor, draft_seconds: float = 0.0):
         """Draft sizes (B,) maximizing sum_b E_b(K_b) / (step seconds + d [any K_b > 0]), and that
         rate. e (B, max_k + 1): E_b(K), -inf where request b has no K-th node."""
         B, K = e.shape[0], self.max_k
-        gain = e[:, 1:] - e[:, :-1]  # (B, K) node k's acceptance probability
+        gain = (e[:, 1:] - e[:, :-1]) * self.kappa  # (B, K) node k's acceptance probability, calibrated
         gain = torch.cummin(gain.nan_to_num(nan=-1.0, neginf=-1.0), dim=1).values  # nodes come in order
         order = torch.argsort(-gain.flatten(), stable=True)  # likeliest first; within a row, k order
         ranked = gain.flatten()[order]
@@ -320,6 +336,7 @@ class SpeculationController:
             k = torch.arange(self.max_k + 1).view(1, -1)
             e = torch.where(k <= count.cpu().long().view(-1, 1), e, float("-inf"))
         sizes = self._allocate(e)[0]
+        self._promise = float((e.gather(1, sizes.view(-1, 1)) - 1).sum())  # uncalibrated E, as kappa measures it
         wait = self.backoff.setdefault(batch_size, [0, 0])
         # Proposals that no request could use: when drafting costs more than 2% of a step, propose
         # again after 1, 3, 7, 15, then every 16 steps. (Cheaper drafting is not worth skipping:
@@ -346,6 +363,12 @@ class SpeculationController:
         draft_seconds: the drafter's time this step (None: it was not called); step_seconds: the
         whole step's time, drafting included."""
         self.stats.record(drafted, accepted, match_len)
+        if self._promise is not None:  # a step whose sizes `choose` set: score its promise
+            got = accepted.sum() if accepted.dim() == 2 else accepted.clamp(max=drafted).sum()
+            m = self.stats.memory
+            self.promised = m * self.promised + self._promise
+            self.delivered = m * self.delivered + float(got)
+            self._promise = None
         if draft_seconds is not None:  # running mean per step
             self.draft_seconds = 0.9 * self.draft_seconds + 0.1 * draft_seconds
         if step_seconds is not None:

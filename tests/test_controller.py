@@ -265,3 +265,29 @@ def test_useless_proposals_back_off_when_drafting_is_not_cheap(draft_share):
     assert gaps[:5] == ([1, 3, 7, 15, 16] if draft_share > 0.02 else [0] * 5)
     c.choose(4, count=torch.full((4,), 8))  # a useful proposal: ask every step again
     assert c.worth_drafting(4) and c.worth_drafting(4)
+
+
+def test_promises_that_verification_does_not_keep_raise_the_bar():
+    """The estimates say 0.6 per chain node; verification accepts half of what the chosen sizes
+    promise. The controller learns kappa ~ 0.5 and drafts less; kept promises leave it at ~1."""
+    def run(keep):
+        c = with_rate(0.6)
+        c.cost = synthetic_cost(0.02)
+        first = int(c.choose(16).sum())
+        c.stats.record = lambda *a, **k: None  # keep the firm 0.6 estimates: this tests kappa alone
+        for _ in range(300):
+            sizes = c.choose(16)
+            promised = c._promise
+            # accepted chains totalling `keep` x the promise: one token at a time, round robin
+            per, left = torch.zeros(16, dtype=torch.long), round(keep * promised)
+            while left > 0 and bool((per < sizes).any()):
+                for b in (per < sizes).nonzero()[:, 0].tolist()[:left]:
+                    per[b] += 1
+                    left -= 1
+            c.observe(sizes, per)
+        return first, int(c.choose(16).sum()), c.kappa
+
+    first, later, kappa = run(0.5)
+    assert kappa == pytest.approx(0.5, abs=0.08) and later < first
+    first, later, kappa = run(1.0)
+    assert kappa == pytest.approx(1.0, abs=0.1) and later == first
