@@ -272,10 +272,10 @@ class SpeculationController:
         self.stats = stats or AcceptanceStats(max_nodes=max(max_k, 1))
         self.draft_seconds = draft_seconds
         self.fit = StepTimeFit()
-        self.backoff = {}
+        self.backoff = {}  # batch size -> [steps to skip before proposing again, steps skipped]
         self.calibration_prior = 8.0
         self.promised = self.delivered = 0.0  # fading sums of expected and accepted draft tokens
-        self._promise = None  # this step's expected accepted draft tokens, from `choose`  # batch size -> [steps to skip before proposing again, steps skipped]
+        self._promise = None  # this step's expected accepted draft tokens, from `choose`
 
     @property
     def cost(self) -> CostModel:

@@ -151,7 +151,7 @@ def autoregressive(model: Model, prompt_ids, max_new_tokens: int, params: Sampli
         if t == max_new_tokens - 1:
             break
         finished = torch.isin(token, eos)
-        if bool(finished.any()):  # one host sync per step, as the loop test needs anyway
+        if bool(finished.any()):  # the step's one host sync (the loop's exit test needs it)
             keep = (~finished).nonzero()[:, 0]
             if keep.numel() == 0:
                 break
