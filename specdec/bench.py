@@ -223,17 +223,27 @@ def exclude(questions, measured):
     return [q for q in questions if q["question_id"] not in ids]
 
 
+def round_robin(questions):
+    """Questions reordered to take one of every category in turn: any prefix mixes categories."""
+    by_cat = defaultdict(list)
+    for q in questions:
+        by_cat[q["category"]].append(q)
+    lists = list(by_cat.values())
+    return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+
+
 def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_new_tokens=64,
-          drafter_options=None, warmup=(), progress=True):
+          drafter_options=None, warmup=(), requests=8, progress=True):
     """Decode throughput by batch size.
 
-    For every batch size B, the turn-1 prompts are decoded B at a time (ceil(n / B) batches, taking
-    prompts cyclically, so every prompt runs at least once) with "none" and each drafter at each
-    fixed draft length and "auto", interleaved batch by batch (drift in machine speed hits every
-    configuration alike). Timing is decode only (after the prefill, which no drafter changes and
-    which on CPU would otherwise dominate large batches of long prompts). Reports tokens/s of the
-    batch, per-request seconds per output token, MAT, the drafting share of step time and the
-    speedup over "none" at the same batch size.
+    At batch size B the first max(`requests`, B) turn-1 prompts (categories taken in turn) are
+    decoded B at a time, so a batch holds B different requests as a server's would (prompts repeat
+    only when there are fewer than B), with "none" and each drafter at each fixed draft length and
+    "auto", interleaved batch by batch (drift in machine speed hits every configuration alike).
+    Timing is decode only (after the prefill, which no drafter changes and which on CPU would
+    otherwise dominate large batches of long prompts). Reports tokens/s of the batch, per-request
+    seconds per output token, MAT, the drafting share of step time and the speedup over "none"
+    at the same batch size.
 
     Every (drafter, length, batch size) gets a fresh drafter instance, so nothing learned from one
     configuration's outputs helps another. With `warmup` questions (disjoint from the measured
@@ -245,13 +255,16 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
     from drafters import make_drafter
 
     def turn_one(qs):
-        return [conversation_ids(model.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in qs]
+        return [conversation_ids(model.tokenizer, [{"role": "user", "content": q["turns"][0]}])
+                for q in round_robin(qs)]
 
     def cyclic(ps, B, j):
         return [ps[(j * B + i) % len(ps)] for i in range(B)]
 
     if {q["question_id"] for q in warmup} & {q["question_id"] for q in questions}:
         raise ValueError("warm-up questions must not include measured ones")
+    if requests < 1:
+        raise ValueError(f"requests must be >= 1, got {requests}")
     prompts, warm = turn_one(questions), turn_one(warmup)
     configs = [("none", 0)] + [(d, k) for d in drafters if d != "none" for k in [*draft_lengths, "auto"]]
     options = drafter_options or {}
@@ -272,7 +285,8 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
     generate(model, "Say hello.", max_new_tokens=4, drafter="ngram", num_draft_tokens="auto")
     results = []
     for B in tqdm(batch_sizes, desc="batch sizes", disable=not progress):
-        batches = [cyclic(prompts, B, j) for j in range(-(-len(prompts) // B))]
+        n = max(min(requests, len(prompts)), B)
+        batches = [cyclic(prompts, B, j) for j in range(-(-n // B))]
         instances = {c: drafter_for(c[0]) for c in configs}
         if warm:
             for (d, k), drafter in instances.items():
@@ -291,10 +305,10 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
                 a["draft"] += split.get("draft", 0.0)
                 a["total"] += sum(split.values())
         for (d, k), a in acc.items():
-            requests = len(batches) * B
-            results.append(dict(batch=B, drafter=d, num_draft_tokens=k, requests=requests,
+            decoded = len(batches) * B
+            results.append(dict(batch=B, drafter=d, num_draft_tokens=k, requests=decoded,
                                 decode_tokens=int(a["tokens"]), decode_seconds=a["seconds"],
-                                tokens_per_s=a["tokens"] / a["seconds"], seconds_per_token=a["per_token"] / requests,
+                                tokens_per_s=a["tokens"] / a["seconds"], seconds_per_token=a["per_token"] / decoded,
                                 mean_accepted_tokens=a["tokens"] / a["request_steps"] if a["request_steps"] else 1.0,
                                 draft_fraction=a["draft"] / a["total"] if a["total"] else 0.0))
     base = {r["batch"]: r["tokens_per_s"] for r in results if r["drafter"] == "none"}
@@ -302,7 +316,7 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
         r["speedup"] = r["tokens_per_s"] / base[r["batch"]]
     return dict(settings=dict(model=model.name, device=device_name(model.device),
                               dtype=str(model.dtype).replace("torch.", ""), max_new_tokens=max_new_tokens,
-                              questions=len(questions), warmup_questions=len(warmup),
+                              questions=len(questions), requests=requests, warmup_questions=len(warmup),
                               timing="decode only (after prefill), configurations interleaved per batch",
                               date=datetime.date.today().isoformat()), sweep=results)
 

@@ -99,9 +99,10 @@ def cmd_bench(args):
         if any(b < 1 for b in sizes):
             raise ValueError(f"batch sizes must be >= 1, got {sizes}")
         lengths = [int(x) for x in args.draft_lengths.split(",")]
-        warm = bench.exclude(bench.load_questions(args.questions), questions)[: args.warmup]
+        warm = bench.round_robin(bench.exclude(bench.load_questions(args.questions), questions))[: args.warmup]
         report = bench.sweep(model, questions, drafters, sizes, lengths, max_new_tokens=args.max_new_tokens,
-                             drafter_options=_drafter_options(args, drafters), warmup=warm)
+                             drafter_options=_drafter_options(args, drafters), warmup=warm,
+                             requests=args.requests)
         print(bench.format_sweep(report))
         _write(report, args.out, bench.plot_sweep)
         return
@@ -141,7 +142,9 @@ def main(argv=None):
     b.add_argument("--batch-sizes", default=None, metavar="1,4,16,64",
                    help="sweep batch sizes instead: throughput per drafter at fixed draft lengths and 'auto'")
     b.add_argument("--draft-lengths", default="2,4,8", help="fixed draft lengths for --batch-sizes")
-    b.add_argument("--warmup", type=int, default=8, metavar="N",
+    b.add_argument("--requests", type=int, default=8, metavar="N",
+                   help="--batch-sizes: at batch B, decode max(N, B) different questions (B at a time)")
+    b.add_argument("--warmup", type=int, default=64, metavar="N",
                    help="--batch-sizes: up to N questions not measured warm each configuration up, untimed "
                         "(0: every configuration starts cold)")
     b.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/hybrid (see `specdec corpus`)")

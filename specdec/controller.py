@@ -24,6 +24,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -159,18 +160,19 @@ class AcceptanceStats:
         self.accepts = torch.zeros(buckets, max_nodes, dtype=torch.float64)
         self.strength, self.decay = float(strength), float(decay)
         self.buckets = buckets
-        self._p = None  # cached estimates, cleared by record
+        self._p, self._table = None, {}  # cached estimates, cleared by record
 
     def rates(self) -> torch.Tensor:
         """(buckets, max_nodes) estimated p_k."""
-        if self._p is None:
-            s, p = self.strength, torch.empty_like(self.tries)
-            prev, prev2 = torch.ones(self.buckets, dtype=torch.float64), None
-            for k in range(self.tries.shape[1]):
-                prior = prev * 0.5 if prev2 is None else prev * (prev / prev2.clamp(min=1e-12)).clamp(max=self.decay)
-                p[:, k] = (self.accepts[:, k] + s * prior) / (self.tries[:, k] + s)
+        if self._p is None:  # numpy: a step's controller work is a few hundred tiny array operations
+            tries, accepts, s = self.tries.numpy(), self.accepts.numpy(), self.strength
+            p = np.empty_like(tries)
+            prev, prev2 = np.ones(self.buckets), None
+            for k in range(tries.shape[1]):
+                prior = prev * 0.5 if prev2 is None else prev * np.minimum(prev / np.maximum(prev2, 1e-12), self.decay)
+                p[:, k] = (accepts[:, k] + s * prior) / (tries[:, k] + s)
                 prev, prev2 = p[:, k], prev
-            self._p = p
+            self._p = torch.from_numpy(p)
         return self._p
 
     def bucket(self, match_len):
@@ -181,21 +183,24 @@ class AcceptanceStats:
     def record(self, offered, accepted, match_len=None):
         """offered (B,) draft nodes verified; accepted (B, K) bool, node k on the accepted path,
         or (B,) the accepted length of a chain (nodes 0..accepted-1)."""
-        offered, accepted = offered.long().cpu(), accepted.cpu()
+        offered, accepted = offered.long().cpu().numpy(), accepted.cpu().numpy()
         K = self.tries.shape[1]
-        k = torch.arange(K).view(1, -1)
-        if accepted.dim() == 1:
-            ok = k < accepted.long().view(-1, 1)
+        k = np.arange(K).reshape(1, -1)
+        if accepted.ndim == 1:
+            ok = k < accepted.astype(np.int64).reshape(-1, 1)
         else:
-            ok = torch.zeros(accepted.shape[0], K, dtype=torch.bool)
+            ok = np.zeros((accepted.shape[0], K), dtype=bool)
             w = min(K, accepted.shape[1])
-            ok[:, :w] = accepted[:, :w].bool()
-        tried = k < offered.view(-1, 1)
+            ok[:, :w] = accepted[:, :w].astype(bool)
+        tried = k < offered.reshape(-1, 1)
         rows = self.bucket(match_len)
-        rows = torch.zeros_like(offered) if rows is None else rows
-        self.tries.mul_(self.memory).index_add_(0, rows, tried.double())
-        self.accepts.mul_(self.memory).index_add_(0, rows, (ok & tried).double())
-        self._p = None
+        rows = np.zeros_like(offered) if rows is None else rows.numpy()
+        tries, accepts = self.tries.numpy(), self.accepts.numpy()  # views: updated in place
+        tries *= self.memory
+        accepts *= self.memory
+        np.add.at(tries, rows, tried)
+        np.add.at(accepts, rows, ok & tried)
+        self._p, self._table = None, {}
 
     def table(self, max_k: int) -> torch.Tensor:
         """(buckets, max_k + 1): expected tokens per step for K = 0..max_k, per match-length bucket.
@@ -205,8 +210,11 @@ class AcceptanceStats:
         on a node tried a few times lifts it above its own prior. Measured at batch 4, a bonus of
         one standard error promised 115 accepted tokens where 53 came (point estimates: 85).
         """
-        p = self.rates()[:, :max_k]  # (buckets, max_k)
-        return torch.cat([torch.ones(self.buckets, 1, dtype=torch.float64), 1 + torch.cumsum(p, dim=1)], dim=1)
+        if max_k not in self._table:
+            p = self.rates()[:, :max_k]  # (buckets, max_k)
+            self._table[max_k] = torch.cat([torch.ones(self.buckets, 1, dtype=torch.float64), 1 + torch.cumsum(p, dim=1)],
+                                           dim=1)
+        return self._table[max_k]
 
     def expected_tokens(self, max_k: int, match_len=None, batch_size: int = 1) -> torch.Tensor:
         """(B, max_k + 1): E_b(K) for K = 0..max_k."""
@@ -293,11 +301,10 @@ class SpeculationController:
     def _curve(self, batch_size: int) -> torch.Tensor:
         if batch_size not in self._curves:
             B = batch_size
-            self._curves[B] = torch.tensor([self.step_cost(B, B + j) for j in range(B * self.max_k + 1)],
-                                           dtype=torch.float64)
+            self._curves[B] = np.array([self.step_cost(B, B + j) for j in range(B * self.max_k + 1)])
         return self._curves[batch_size]
 
-    def step_seconds(self, batch_size: int, extra: int | None = None) -> torch.Tensor:
+    def step_seconds(self, batch_size: int, extra: int | None = None) -> np.ndarray:
         """Predicted step seconds with j = 0..extra extra tokens (all of them when None)."""
         c = self._curve(batch_size)
         c = c if extra is None else c[: extra + 1]
@@ -310,33 +317,38 @@ class SpeculationController:
         a = self.calibration_prior
         return (self.delivered + a) / (self.promised + a)
 
-    def _allocate(self, e: torch.Tensor, draft_seconds: float = 0.0):
+    def _allocate(self, e: np.ndarray, draft_seconds: float = 0.0):
         """Draft sizes (B,) maximizing sum_b E_b(K_b) / (step seconds + d [any K_b > 0]), and that
         rate. e (B, max_k + 1): E_b(K), -inf where request b has no K-th node."""
         B, K = e.shape[0], self.max_k
-        gain = (e[:, 1:] - e[:, :-1]) * self.kappa  # (B, K) node k's acceptance probability, calibrated
-        gain = torch.cummin(gain.nan_to_num(nan=-1.0, neginf=-1.0), dim=1).values  # nodes come in order
-        order = torch.argsort(-gain.flatten(), stable=True)  # likeliest first; within a row, k order
-        ranked = gain.flatten()[order]
+        with np.errstate(invalid="ignore"):  # -inf - -inf past a request's last node
+            gain = (e[:, 1:] - e[:, :-1]) * self.kappa  # (B, K) node k's acceptance probability, calibrated
+        gain = np.minimum.accumulate(np.nan_to_num(gain, nan=-1.0, neginf=-1.0), axis=1)  # nodes come in order
+        order = np.argsort(-gain.ravel(), kind="stable")  # likeliest first; within a row, k order
+        j, rate = self._best_total(gain.ravel()[order], B, draft_seconds)
+        return torch.from_numpy(np.bincount(order[:j] // K, minlength=B)), rate
+
+    def _best_total(self, ranked: np.ndarray, batch_size: int, draft_seconds: float):
+        """How many of the ranked node gains (descending) to draft, and the rate that gives."""
         usable = int((ranked > 0).sum())
-        total = B + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ranked[:usable], 0)])
-        seconds = self.step_seconds(B, usable)  # a fresh tensor
+        total = batch_size + np.concatenate([[0.0], np.cumsum(ranked[:usable])])
+        seconds = self.step_seconds(batch_size, usable)  # a fresh array
         seconds[1:] += draft_seconds
         rate = total / seconds
-        j = int(torch.argmax(rate))  # the first best: fewer nodes on a tie
-        sizes = torch.bincount(order[:j] // K, minlength=B)
-        return sizes, float(rate[j])
+        j = int(np.argmax(rate))  # the first best: fewer nodes on a tie
+        return j, float(rate[j])
 
     def choose(self, batch_size: int, match_len=None, count=None) -> torch.Tensor:
         """Draft sizes K_b (B,) int64 for this step. count (B,): the nodes each request's draft
         actually has (a request with a K-node budget but a 2-node draft gains at most E(2))."""
-        e = self.stats.expected_tokens(self.max_k, match_len, batch_size)  # (B, max_k + 1)
-        e = e.expand(batch_size, -1)
+        e = self.stats.expected_tokens(self.max_k, match_len, batch_size).numpy()  # (B, max_k + 1)
+        e = np.broadcast_to(e, (batch_size, e.shape[-1]))
         if count is not None:
-            k = torch.arange(self.max_k + 1).view(1, -1)
-            e = torch.where(k <= count.cpu().long().view(-1, 1), e, float("-inf"))
+            k = np.arange(self.max_k + 1).reshape(1, -1)
+            e = np.where(k <= count.cpu().numpy().reshape(-1, 1), e, -np.inf)
         sizes = self._allocate(e)[0]
-        self._promise = float((e.gather(1, sizes.view(-1, 1)) - 1).sum())  # uncalibrated E, as kappa measures it
+        # uncalibrated E, as kappa measures it
+        self._promise = float((np.take_along_axis(e, sizes.numpy().reshape(-1, 1), 1) - 1).sum())
         wait = self.backoff.setdefault(batch_size, [0, 0])
         # Proposals that no request could use: when drafting costs more than 2% of a step, propose
         # again after 1, 3, 7, 15, then every 16 steps. (Cheaper drafting is not worth skipping:
@@ -354,9 +366,11 @@ class SpeculationController:
         if wait[1] < wait[0]:  # the last proposals at this batch size were of no use: back off
             wait[1] += 1
             return False
-        best = self.stats.table(self.max_k).max(dim=0).values  # the most optimistic bucket, for every request
-        sizes, _ = self._allocate(best.expand(batch_size, -1), self.draft_seconds)
-        return bool(sizes.sum() > 0)
+        best = self.stats.table(self.max_k).numpy().max(axis=0)  # the most optimistic bucket, for every request
+        gain = np.minimum.accumulate((best[1:] - best[:-1]) * self.kappa)
+        # every request alike: the ranking takes each node's gain batch_size times, in node order
+        j, _ = self._best_total(np.repeat(gain, batch_size), batch_size, self.draft_seconds)
+        return j > 0
 
     def observe(self, drafted, accepted, match_len=None, draft_seconds=None, step_seconds=None):
         """drafted (B,) nodes verified per request, accepted: as `AcceptanceStats.record`;

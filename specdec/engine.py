@@ -187,10 +187,16 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         t_obs = time.perf_counter() - t_obs  # drafter work: counted as drafting time
         with nvtx_range("accept"):
             N = tokens.shape[1]
-            u = uniforms(s.seeds, s.offsets, N)
-            probs = None if draft.probs is None else draft.probs[:, :N]
-            result = verify(logits, tokens, parents, num_nodes, s.temperature, s.top_k, s.top_p, u,
-                            probs, draft.siblings)
+            # greedy verification reads no random numbers
+            u = torch.zeros(Bn, N, device=device) if params.greedy else uniforms(s.seeds, s.offsets, N)
+            if N == 1:  # no drafts: the next token is sampled as in AR decoding (what verify would do)
+                none = torch.full((Bn, 1), -1, dtype=torch.int64, device=device)
+                result = VerifyResult(none, none, torch.zeros(Bn, dtype=torch.int64, device=device),
+                                      sample_tokens(logits[:, 0], s.temperature, s.top_k, s.top_p, u[:, 0]))
+            else:
+                probs = None if draft.probs is None else draft.probs[:, :N]
+                result = verify(logits, tokens, parents, num_nodes, s.temperature, s.top_k, s.top_p, u,
+                                probs, draft.siblings)
         t2 = time.perf_counter()
         with nvtx_range("commit"):
             s.offsets += N

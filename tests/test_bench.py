@@ -51,12 +51,6 @@ def test_bench_runs_and_checks_greedy_outputs(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
-def test_sweep_refuses_to_warm_up_on_measured_questions():
-    questions = bench.load_questions(limit=3)
-    with pytest.raises(ValueError, match="warm-up"):
-        bench.sweep(None, questions, ["ngram"], [1], warmup=questions[2:])  # the per-category bar chart
-
-
 @pytest.mark.slow
 def test_corpus_command_excludes_the_measured_sample(tmp_path):
     from drafters.corpus import Corpus
@@ -98,3 +92,8 @@ def test_sweep_refuses_to_warm_up_on_measured_questions():
     questions = bench.load_questions(limit=3)
     with pytest.raises(ValueError, match="warm-up"):
         bench.sweep(None, questions, ["ngram"], [1], warmup=questions[2:])
+
+
+def test_round_robin_takes_every_category_in_turn():
+    qs = [dict(question_id=i, category=c, turns=["x"]) for i, c in enumerate("aaabbc")]
+    assert [q["question_id"] for q in bench.round_robin(qs)] == [0, 3, 5, 1, 4, 2]
