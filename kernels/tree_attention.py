@@ -352,10 +352,13 @@ def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
     """(kv_len, dense mask, padding-row mask or None, requests with extra tokens or None),
     computed once per forward, not per layer (host syncs: fine on the CPU path).
 
-    A ragged batch whose padding would more than triple the query rows (a few requests with deep
-    trees) runs as two products, every request's first token, then the extra tokens of the requests
-    that have them (`extra`: a list when there are so few that views beat a gathered copy of their
-    caches). Otherwise one padded product is cheaper than splitting it (each product has a fixed
+    A ragged batch whose padding would more than triple the query rows runs in parts. Prompts of
+    very different lengths (32 or more new tokens: a prefill) run request by request, each on its
+    own tokens and cache length (`extra` = ("each", [(b, new tokens, end slot)])): one long prompt
+    in a batch of short ones would otherwise make every request pay for its length, squared.
+    A few requests with deep trees run as two products, every request's first token, then the
+    extra tokens of the requests that have them (`extra`: a list when there are so few that views
+    beat a gathered copy of their caches). Otherwise one padded product is cheaper than splitting it (each product has a fixed
     cost, and gathering the extra rows' K/V copies them)."""
     key = ("plan", n, capacity)
     if key not in batch._dense:
@@ -365,8 +368,12 @@ def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
         if not bool(valid.all()):
             padded = valid.view(-1, n, 1, 1)
             if valid.numel() > 3 * int(batch.num_new.sum()):
-                extra = (batch.num_new > 1).nonzero()[:, 0]  # (B2,)
-                extra = extra.tolist() if extra.numel() <= 2 else extra
+                if n >= 32:  # ragged prompts (a prefill): each request alone, sized to its own tokens
+                    ends = (batch.prefix_lens + batch.num_new).clamp(max=capacity)
+                    extra = ("each", list(zip(range(len(ends)), batch.num_new.tolist(), ends.tolist())))
+                else:
+                    extra = (batch.num_new > 1).nonzero()[:, 0]  # (B2,)
+                    extra = extra.tolist() if extra.numel() <= 2 else extra
         batch._dense[key] = (kv_len, batch.dense_mask(n, kv_len), padded, extra)
     return batch._dense[key]
 
@@ -399,6 +406,11 @@ def tree_attention_reference(q, k_cache, v_cache, batch: AttentionBatch, scale=N
         out = _sdpa_grouped(q, k, v, mask, scale)
         return out.to(q.dtype) if valid is None else torch.where(valid, out, 0.0).to(q.dtype)
     out = torch.zeros(B, N, H, D, dtype=torch.float32, device=q.device)
+    if isinstance(extra, tuple):  # (b, its new tokens, its end slot) per request; padding stays zero
+        for b, n, end in extra[1]:
+            out[b : b + 1, :n] = _sdpa_grouped(q[b : b + 1, :n], k[b : b + 1, :, :end], v[b : b + 1, :, :end],
+                                               mask[b : b + 1, :, :n, :end], scale)
+        return out.to(q.dtype)
     out[:, :1] = _sdpa_grouped(q[:, :1], k, v, mask[:, :, :1], scale)
     if isinstance(extra, list):  # one or two requests: their caches as views, not gathered copies
         for b in extra:

@@ -176,9 +176,10 @@ def test_each_node_attends_to_exactly_its_path(num_splits, poison_empty):
     ([2, 1, 1, 1], "padded"),  # padding adds at most 2x the rows: one product
     ([9, 1, 1, 1, 1, 1], "views"),  # one deep tree: first tokens, then its rows on a view of its cache
     ([9, 4, 9] + [1] * 13, "gathered"),  # three trees among 16: their caches gathered
+    ([40, 1, 3, 1], "each"),  # prompts of very different lengths: request by request
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_reference_ragged_plans_attend_to_exactly_the_path(num_new, plan):
-    """The CPU reference splits a ragged batch in one of three ways; each must give every
+    """The CPU reference splits a ragged batch in one of four ways; each must give every
     node exactly its path's attention and zero at padding."""
     from kernels.tree_attention import _reference_plan
 
@@ -190,7 +191,7 @@ def test_reference_ragged_plans_attend_to_exactly_the_path(num_new, plan):
     batch = AttentionBatch(prefix.cpu(), i32(num_new).cpu(), tree_from_parents(parents))
     extra = _reference_plan(batch, N, k.shape[2])[3]
     assert {"padded": extra is None, "views": isinstance(extra, list),
-            "gathered": torch.is_tensor(extra)}[plan]
+            "gathered": torch.is_tensor(extra), "each": isinstance(extra, tuple)}[plan]
     out = tree_attention_reference(q, k, v, batch)
     torch.testing.assert_close(out, path_attention(q, k, v, prefix.cpu(), i32(num_new).cpu(), parents), **TOL)
     for b, n in enumerate(num_new):
