@@ -47,7 +47,8 @@ def test_bench_runs_and_checks_greedy_outputs(tmp_path, capsys):
     assert report["greedy_mismatches"] == {"ngram": []}
     assert report["table"]["none"]["overall"]["speedup"] == pytest.approx(1.0)
     assert 0 <= report["table"]["ngram"]["overall"]["draft_fraction"] < 1
-    assert "drafting share of step time" in text
+    assert "drafting share of step time" in text and "decode-only speedup" in text
+    assert report["table"]["ngram"]["overall"]["decode_speedup"] > 0
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
