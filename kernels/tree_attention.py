@@ -358,8 +358,8 @@ def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
     in a batch of short ones would otherwise make every request pay for its length, squared.
     A few requests with deep trees run as two products, every request's first token, then the
     extra tokens of the requests that have them (`extra`: a list when there are so few that views
-    beat a gathered copy of their caches). Otherwise one padded product is cheaper than splitting it (each product has a fixed
-    cost, and gathering the extra rows' K/V copies them)."""
+    beat a gathered copy of their caches). Otherwise one padded product is cheaper than splitting
+    it (each product has a fixed cost, and gathering the extra rows' K/V copies them)."""
     key = ("plan", n, capacity)
     if key not in batch._dense:
         kv_len = min(int((batch.prefix_lens + n).max()), capacity)

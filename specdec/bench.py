@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from importlib import resources
 from pathlib import Path
+from statistics import fmean as mean
 
 import torch
 
@@ -156,11 +157,6 @@ def _decode_rate(row) -> float:
     """Tokens per second after the prefills, not counting the token each turn's prefill gave."""
     turns = len(row["outputs"])
     return (row["tokens"] - turns) / max(row["seconds"] - row["prefill_seconds"], 1e-9)
-
-
-def mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs)
 
 
 def summarize(rows, methods, temperature, settings):

@@ -298,7 +298,7 @@ class SpeculationController:
         """c(B, T): the measured forward over T new tokens of B requests."""
         return self.cost(batch_size, tokens / batch_size)
 
-    def _curve(self, batch_size: int) -> torch.Tensor:
+    def _curve(self, batch_size: int) -> np.ndarray:
         if batch_size not in self._curves:
             B = batch_size
             self._curves[B] = np.array([self.step_cost(B, B + j) for j in range(B * self.max_k + 1)])
