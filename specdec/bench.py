@@ -250,7 +250,7 @@ def round_robin(questions):
 
 
 def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_new_tokens=64,
-          drafter_options=None, warmup=(), requests=8, progress=True):
+          drafter_options=None, warmup=(), requests=8, repeats=1, on_batch=None, progress=True):
     """Decode throughput by batch size.
 
     At batch size B the first max(`requests`, B) turn-1 prompts (categories taken in turn) are
@@ -266,6 +266,12 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
     configuration's outputs helps another. With `warmup` questions (disjoint from the measured
     ones), each configuration first decodes one untimed batch of B of them: its drafter and its
     controller start the measured prompts in the state a server would have them in, not cold.
+
+    With `repeats` > 1 the measured batches are decoded that many times (rounds, each one every
+    configuration in turn): rows total all rounds, and `speedup_range` gives the lowest and
+    highest speedup over AR of a single round, the spread that machine noise alone puts on a
+    ratio (what a difference of a few percent must clear). `on_batch(report)` is called with the
+    report so far after each batch size (a long sweep can be written as it goes).
     """
     from tqdm import tqdm
 
@@ -282,6 +288,8 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
         raise ValueError("warm-up questions must not include measured ones")
     if requests < 1:
         raise ValueError(f"requests must be >= 1, got {requests}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     prompts, warm = turn_one(questions), turn_one(warmup)
     configs = [("none", 0)] + [(d, k) for d in drafters if d != "none" for k in [*draft_lengths, "auto"]]
     options = drafter_options or {}
@@ -300,6 +308,11 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
 
     generate(model, "Say hello.", max_new_tokens=4)  # warm-up, untimed (and the controller's cost curve)
     generate(model, "Say hello.", max_new_tokens=4, drafter="ngram", num_draft_tokens="auto")
+    settings = dict(model=model.name, device=device_name(model.device), dtype=str(model.dtype).replace("torch.", ""),
+                    max_new_tokens=max_new_tokens, questions=len(questions), requests=requests, repeats=repeats,
+                    warmup_questions=len(warmup),
+                    timing="decode only (after prefill), configurations interleaved per batch",
+                    date=datetime.date.today().isoformat())
     results = []
     for B in tqdm(batch_sizes, desc="batch sizes", disable=not progress):
         n = max(min(requests, len(prompts)), B)
@@ -309,41 +322,52 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
             for (d, k), drafter in instances.items():
                 decode(cyclic(warm, B, 0), d, k, drafter)
         acc = {c: defaultdict(float) for c in configs}
-        for batch in batches:
-            for (d, k), drafter in instances.items():
-                r = decode(batch, d, k, drafter)
-                st = r.stats
-                a, decode_s = acc[(d, k)], st["seconds"] - st["prefill_seconds"]
-                a["tokens"] += st["tokens"] - len(batch)
-                a["seconds"] += decode_s
-                a["per_token"] += decode_s / max(1, max(len(t) for t in r.token_ids) - 1) * len(batch)
-                a["request_steps"] += sum(st.get("accepted_length_histogram", {}).values())
-                split = st.get("time_split", {})
-                a["draft"] += split.get("draft", 0.0)
-                a["total"] += sum(split.values())
+        per_round = {c: [] for c in configs}  # (tokens, seconds) of each round
+        for _ in range(repeats):
+            this_round = {c: [0, 0.0] for c in configs}
+            for batch in batches:
+                for (d, k), drafter in instances.items():
+                    r = decode(batch, d, k, drafter)
+                    st = r.stats
+                    a, decode_s = acc[(d, k)], st["seconds"] - st["prefill_seconds"]
+                    a["tokens"] += st["tokens"] - len(batch)
+                    a["seconds"] += decode_s
+                    a["per_token"] += decode_s / max(1, max(len(t) for t in r.token_ids) - 1) * len(batch)
+                    a["request_steps"] += sum(st.get("accepted_length_histogram", {}).values())
+                    split = st.get("time_split", {})
+                    a["draft"] += split.get("draft", 0.0)
+                    a["total"] += sum(split.values())
+                    this_round[(d, k)][0] += st["tokens"] - len(batch)
+                    this_round[(d, k)][1] += decode_s
+            for c, (tokens, secs) in this_round.items():
+                per_round[c].append(tokens / secs)
+        rows = []
         for (d, k), a in acc.items():
-            decoded = len(batches) * B
-            results.append(dict(batch=B, drafter=d, num_draft_tokens=k, requests=decoded,
-                                decode_tokens=int(a["tokens"]), decode_seconds=a["seconds"],
-                                tokens_per_s=a["tokens"] / a["seconds"], seconds_per_token=a["per_token"] / decoded,
-                                mean_accepted_tokens=a["tokens"] / a["request_steps"] if a["request_steps"] else 1.0,
-                                draft_fraction=a["draft"] / a["total"] if a["total"] else 0.0))
-    base = {r["batch"]: r["tokens_per_s"] for r in results if r["drafter"] == "none"}
-    for r in results:
-        r["speedup"] = r["tokens_per_s"] / base[r["batch"]]
-    return dict(settings=dict(model=model.name, device=device_name(model.device),
-                              dtype=str(model.dtype).replace("torch.", ""), max_new_tokens=max_new_tokens,
-                              questions=len(questions), requests=requests, warmup_questions=len(warmup),
-                              timing="decode only (after prefill), configurations interleaved per batch",
-                              date=datetime.date.today().isoformat()), sweep=results)
+            decoded = len(batches) * B * repeats
+            ratios = [x / y for x, y in zip(per_round[(d, k)], per_round[("none", 0)])]
+            rows.append(dict(batch=B, drafter=d, num_draft_tokens=k, requests=len(batches) * B, rounds=repeats,
+                             decode_tokens=int(a["tokens"]), decode_seconds=a["seconds"],
+                             tokens_per_s=a["tokens"] / a["seconds"], seconds_per_token=a["per_token"] / decoded,
+                             mean_accepted_tokens=a["tokens"] / a["request_steps"] if a["request_steps"] else 1.0,
+                             draft_fraction=a["draft"] / a["total"] if a["total"] else 0.0,
+                             speedup_range=[min(ratios), max(ratios)]))
+        base = next(r["tokens_per_s"] for r in rows if r["drafter"] == "none")
+        for r in rows:
+            r["speedup"] = r["tokens_per_s"] / base
+        results.extend(rows)
+        if on_batch is not None:
+            on_batch(dict(settings=settings, sweep=list(results)))
+    return dict(settings=settings, sweep=results)
 
 
 def format_sweep(report) -> str:
-    lines = [f"{'batch':>5} {'drafter':>10} {'K':>5} {'tok/s':>9} {'s/token':>9} {'speedup':>8} {'MAT':>6} {'draft%':>7}"]
+    lines = [f"{'batch':>5} {'drafter':>10} {'K':>5} {'tok/s':>9} {'s/token':>9} {'speedup':>8} {'rounds':>11} "
+             f"{'MAT':>6} {'draft%':>7}"]
     for r in report["sweep"]:
+        lo, hi = r.get("speedup_range", (r["speedup"], r["speedup"]))
         lines.append(f"{r['batch']:>5} {r['drafter']:>10} {str(r['num_draft_tokens']):>5} {r['tokens_per_s']:>9.1f} "
-                     f"{r['seconds_per_token']:>9.3f} {r['speedup']:>7.2f}x {r['mean_accepted_tokens']:>6.2f} "
-                     f"{100 * r['draft_fraction']:>6.1f}%")
+                     f"{r['seconds_per_token']:>9.3f} {r['speedup']:>7.2f}x {lo:>5.2f}-{hi:<5.2f} "
+                     f"{r['mean_accepted_tokens']:>6.2f} {100 * r['draft_fraction']:>6.1f}%")
     best = {}
     for r in report["sweep"]:
         if r["drafter"] != "none" and r["num_draft_tokens"] != "auto":

@@ -77,7 +77,7 @@ def default_corpus_path(model):
     return cache_dir() / "corpus" / f"{model.name}.npz"
 
 
-def _write(report, out, plot):
+def _write(report, out, plot, quiet=False):
     """The report as JSON at `out` and its plot beside it (.png), when `out` is given."""
     if not out:
         return
@@ -85,7 +85,8 @@ def _write(report, out, plot):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     plot(report, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    if not quiet:
+        print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 def cmd_bench(args):
@@ -102,7 +103,8 @@ def cmd_bench(args):
         warm = bench.round_robin(bench.exclude(bench.load_questions(args.questions), questions))[: args.warmup]
         report = bench.sweep(model, questions, drafters, sizes, lengths, max_new_tokens=args.max_new_tokens,
                              drafter_options=_drafter_options(args, drafters), warmup=warm,
-                             requests=args.requests)
+                             requests=args.requests, repeats=args.repeats,
+                             on_batch=lambda partial: _write(partial, args.out, bench.plot_sweep, quiet=True))
         print(bench.format_sweep(report))
         _write(report, args.out, bench.plot_sweep)
         return
@@ -144,6 +146,9 @@ def main(argv=None):
     b.add_argument("--draft-lengths", default="2,4,8", help="fixed draft lengths for --batch-sizes")
     b.add_argument("--requests", type=int, default=8, metavar="N",
                    help="--batch-sizes: at batch B, decode max(N, B) different questions (B at a time)")
+    b.add_argument("--repeats", type=int, default=1, metavar="R",
+                   help="--batch-sizes: decode the measured batches R times (rounds); rows give each "
+                        "round's lowest and highest speedup, the noise on a ratio")
     b.add_argument("--warmup", type=int, default=64, metavar="N",
                    help="--batch-sizes: up to N questions not measured warm each configuration up, untimed "
                         "(0: every configuration starts cold)")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import specdec
 from specdec import bench
@@ -78,15 +79,47 @@ def test_cli_errors(capsys):
 def test_batch_size_sweep_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "sweep.json"
     main(["bench", "--batch-sizes", "1,2", "--draft-lengths", "3", "--limit", "2", "--max-new-tokens", "6",
-          "--drafters", "ngram", "--device", "cpu", "--warmup", "1", "--out", str(out)])
+          "--drafters", "ngram", "--device", "cpu", "--warmup", "1", "--repeats", "2", "--out", str(out)])
     text = capsys.readouterr().out
     assert "auto vs best fixed length: batch 2 ngram" in text
     rows = json.loads(out.read_text())["sweep"]
     assert {(r["batch"], r["drafter"], r["num_draft_tokens"]) for r in rows} == {
         (b, d, k) for b in (1, 2) for d, k in [("none", 0), ("ngram", 3), ("ngram", "auto")]}
-    assert all(r["speedup"] == 1.0 for r in rows if r["drafter"] == "none")
+    assert all(r["speedup"] == 1.0 and r["speedup_range"] == [1.0, 1.0] for r in rows if r["drafter"] == "none")
+    # the overall ratio is a ratio of sums over both rounds: it lies within the rounds' own ratios
+    assert all(r["rounds"] == 2 and r["speedup_range"][0] - 1e-9 <= r["speedup"] <= r["speedup_range"][1] + 1e-9
+               for r in rows)
     assert out.with_suffix(".png").stat().st_size > 1000
     assert json.loads(out.read_text())["settings"]["warmup_questions"] == 1
+
+
+class _FakeModel:
+    """Enough of a Model for `bench.sweep`'s bookkeeping (its decoding is `_fake_generate`)."""
+
+    name, device, dtype = "fake", torch.device("cpu"), torch.float32
+
+    class tokenizer:
+        @staticmethod
+        def apply_chat_template(messages, **kwargs):
+            return [1, 2, 3]
+
+
+def _fake_generate(model, prompts, max_new_tokens, drafter="none", num_draft_tokens=0):
+    batch = 1 if isinstance(prompts, str) else len(prompts)
+    stats = dict(tokens=max_new_tokens * batch, seconds=1.0, prefill_seconds=0.5)
+    return specdec.GenerationResult(texts=[""] * batch, token_ids=[[0] * max_new_tokens] * batch, stats=stats)
+
+
+def test_sweep_writes_each_batch_size_as_it_goes(monkeypatch):
+    """`on_batch` sees the rows of every batch size finished so far (a long sweep is not all lost)."""
+    seen = []
+    monkeypatch.setattr(bench, "generate", _fake_generate)
+    report = bench.sweep(_FakeModel(), bench.load_questions(limit=2), ["ngram"], [1, 2], draft_lengths=(2,),
+                         max_new_tokens=4, on_batch=lambda r: seen.append(sorted({x["batch"] for x in r["sweep"]})),
+                         progress=False)
+    assert seen == [[1], [1, 2]] and len(report["sweep"]) == 6
+    with pytest.raises(ValueError, match="repeats"):
+        bench.sweep(_FakeModel(), bench.load_questions(limit=2), ["ngram"], [1], repeats=0)
 
 
 def test_sweep_refuses_to_warm_up_on_measured_questions():
