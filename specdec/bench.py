@@ -22,7 +22,7 @@ from statistics import fmean as mean
 
 import torch
 
-from specdec.generate import generate
+from specdec.generate import clone_drafter, generate
 
 
 def default_questions() -> Path:
@@ -268,7 +268,7 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
     controller start the measured prompts in the state a server would have them in, not cold.
 
     With `repeats` > 1 the measured batches are decoded that many times (rounds, each one every
-    configuration in turn): rows total all rounds, and `speedup_range` gives the lowest and
+    configuration in turn, each from the warmed-up drafter and controller): rows total all rounds, and `speedup_range` gives the lowest and
     highest speedup over AR of a single round, the spread that machine noise alone puts on a
     ratio (what a difference of a few percent must clear). `on_batch(report)` is called with the
     report so far after each batch size (a long sweep can be written as it goes).
@@ -324,9 +324,12 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
         acc = {c: defaultdict(float) for c in configs}
         per_round = {c: [] for c in configs}  # (tokens, seconds) of each round
         for _ in range(repeats):
+            # every round starts from the warmed-up state: a drafter that learns from finished requests
+            # (SuffixDecoding's global tree) must not have seen the answers it is measured on
             this_round = {c: [0, 0.0] for c in configs}
+            drafters_now = {c: clone_drafter(drafter) for c, drafter in instances.items()}
             for batch in batches:
-                for (d, k), drafter in instances.items():
+                for (d, k), drafter in drafters_now.items():
                     r = decode(batch, d, k, drafter)
                     st = r.stats
                     a, decode_s = acc[(d, k)], st["seconds"] - st["prefill_seconds"]

@@ -5,6 +5,7 @@ kept lean: per token one forward of the whole batch and one sampling call, no pe
 Python work that grows with the sequence.
 """
 
+import copy
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -189,6 +190,17 @@ def make_controller(model: Model, num_draft_tokens, drafter=None, max_k: int = 1
     if key not in per_model:
         per_model[key] = SpeculationController(CostModel.cached(model.net, model.name), max_k=max_k)
     return per_model[key]
+
+
+def clone_drafter(drafter):
+    """An independent copy of a drafter instance and of what its "auto" controllers have learned:
+    decoding with one leaves the other as it was (a benchmark repeats a measurement from one state)."""
+    if isinstance(drafter, str):
+        return drafter
+    twin = copy.deepcopy(drafter)
+    if drafter in _CONTROLLERS:
+        _CONTROLLERS[twin] = copy.deepcopy(_CONTROLLERS[drafter])
+    return twin
 
 
 def _prepare(model, prompts, max_new_tokens, drafter, num_draft_tokens, params, chat, drafter_options):

@@ -221,6 +221,29 @@ def test_engine_skips_the_drafter_when_speculation_cannot_pay(tmp_path, monkeypa
     assert out.stats["prefill_seconds"] > 0 and out.stats["decode_tokens_per_s"] > 0
 
 
+def test_a_cloned_drafter_learns_apart_from_its_original(tmp_path, monkeypatch):
+    """`clone_drafter` copies the drafter and its controller: decoding with the clone leaves the
+    original's global suffix tree and acceptance counts as they were (a benchmark's rounds)."""
+    from drafters.suffix_tree import SuffixTreeDrafter
+    from specdec.generate import clone_drafter, make_controller
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    m = tiny_model(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, seed=3)
+    prompts = [[5, 9, 11, 5, 9, 11, 5, 9], [7] * 9]
+    original = SuffixTreeDrafter()
+    specdec.generate(m, prompts, max_new_tokens=12, drafter=original)
+    controller = make_controller(m, "auto", original)
+    tries, learned = controller.stats.tries.clone(), original.global_tree.num_nodes
+    twin = clone_drafter(original)
+    assert torch.equal(make_controller(m, "auto", twin).stats.tries, tries)  # it starts from what was learned
+    twin_out = specdec.generate(m, [[3, 4, 3, 4, 3, 4]], max_new_tokens=12, drafter=twin)
+    assert make_controller(m, "auto", twin) is not controller
+    assert torch.equal(controller.stats.tries, tries) and original.global_tree.num_nodes == learned
+    assert not torch.equal(make_controller(m, "auto", twin).stats.tries, tries)  # the twin did learn
+    assert twin_out.token_ids == specdec.generate(m, [[3, 4, 3, 4, 3, 4]], max_new_tokens=12).token_ids
+    assert clone_drafter("none") == "none"
+
+
 def test_step_time_fit_recovers_fixed_work_and_the_price_of_extra_tokens():
     from specdec.controller import StepTimeFit
 
