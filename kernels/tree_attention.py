@@ -348,18 +348,25 @@ def _dense_mask(prefix_lens, num_new, tree, n, kv_len):
     return mask.unsqueeze(1)
 
 
+# On the CPU path a product of its own (an SDPA call with its slicing) costs about as much as this
+# many padded (query row, key) pairs of the batch's product: measured on a 2-core EPYC at batch 16
+# (9 heads / 3 KV heads, head dim 64), 256 and ~1300 cached tokens.
+SPLIT_COST = 16_000
+
+
 def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
     """(kv_len, dense mask, padding-row mask or None, requests with extra tokens or None),
     computed once per forward, not per layer (host syncs: fine on the CPU path).
 
-    A ragged batch whose padding would more than triple the query rows runs in parts. Prompts of
-    very different lengths (32 or more new tokens: a prefill) run request by request, each on its
-    own tokens and cache length (`extra` = ("each", [(b, new tokens, end slot)])): one long prompt
-    in a batch of short ones would otherwise make every request pay for its length, squared.
-    A few requests with deep trees run as two products, every request's first token, then the
-    extra tokens of the requests that have them (`extra`: a list when there are so few that views
-    beat a gathered copy of their caches). Otherwise one padded product is cheaper than splitting
-    it (each product has a fixed cost, and gathering the extra rows' K/V copies them)."""
+    A ragged batch may run in parts, since on a CPU the attention of a padding row costs as much
+    as a real one. Prompts of very different lengths (32 or more new tokens, padding over 3x: a
+    prefill) run request by request, each on its own tokens and cache length (`extra` =
+    ("each", [(b, new tokens, end slot)])): one long prompt in a batch of short ones would
+    otherwise make every request pay for its length, squared. Draft trees of different sizes run
+    as every request's first token in one product, then the other tokens of each request that has
+    some on a view of its own cache (`extra`: the list of those requests), when those products cost
+    less than the padding rows they save, B (n - 1) kv_len pairs (SPLIT_COST each): at large
+    batch and long contexts, a few requests' deep trees; otherwise one padded product."""
     key = ("plan", n, capacity)
     if key not in batch._dense:
         kv_len = min(int((batch.prefix_lens + n).max()), capacity)
@@ -367,13 +374,14 @@ def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
         padded, extra = None, None
         if not bool(valid.all()):
             padded = valid.view(-1, n, 1, 1)
-            if valid.numel() > 3 * int(batch.num_new.sum()):
-                if n >= 32:  # ragged prompts (a prefill): each request alone, sized to its own tokens
-                    ends = (batch.prefix_lens + batch.num_new).clamp(max=capacity)
-                    extra = ("each", list(zip(range(len(ends)), batch.num_new.tolist(), ends.tolist())))
-                else:
-                    extra = (batch.num_new > 1).nonzero()[:, 0]  # (B2,)
-                    extra = extra.tolist() if extra.numel() <= 2 else extra
+            B = valid.shape[0]
+            if n >= 32 and valid.numel() > 3 * int(batch.num_new.sum()):  # ragged prompts: each request alone
+                ends = (batch.prefix_lens + batch.num_new).clamp(max=capacity)
+                extra = ("each", list(zip(range(B), batch.num_new.tolist(), ends.tolist())))
+            else:
+                trees = (batch.num_new > 1).nonzero()[:, 0].tolist()
+                if len(trees) * SPLIT_COST < B * (n - 1) * kv_len:
+                    extra = trees
         batch._dense[key] = (kv_len, batch.dense_mask(n, kv_len), padded, extra)
     return batch._dense[key]
 
@@ -396,9 +404,7 @@ def _sdpa_grouped(q, k, v, mask, scale):
 def tree_attention_reference(q, k_cache, v_cache, batch: AttentionBatch, scale=None):
     """Dense-mask SDPA in fp32: the ground truth and the CPU path.
 
-    A ragged batch with few requests bringing trees may run as two products, so that most
-    padding rows cost nothing (on a CPU the attention of a padding row costs as much as a real
-    one): see `_reference_plan`."""
+    A ragged batch may run in parts, so that padding rows cost nothing: see `_reference_plan`."""
     B, N, H, D = q.shape
     kv_len, mask, valid, extra = _reference_plan(batch, N, k_cache.shape[2])
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
@@ -412,12 +418,8 @@ def tree_attention_reference(q, k_cache, v_cache, batch: AttentionBatch, scale=N
                                                mask[b : b + 1, :, :n, :end], scale)
         return out.to(q.dtype)
     out[:, :1] = _sdpa_grouped(q[:, :1], k, v, mask[:, :, :1], scale)
-    if isinstance(extra, list):  # one or two requests: their caches as views, not gathered copies
-        for b in extra:
-            out[b : b + 1, 1:] = _sdpa_grouped(q[b : b + 1, 1:], k[b : b + 1], v[b : b + 1], mask[b : b + 1, :, 1:],
-                                               scale)
-    else:  # their shorter trees' padding rows are zeroed below
-        out[extra, 1:] = _sdpa_grouped(q[extra, 1:], k[extra], v[extra], mask[extra, :, 1:], scale)
+    for b in extra:  # each tree's other tokens on a view of its cache (a gathered copy costs more)
+        out[b : b + 1, 1:] = _sdpa_grouped(q[b : b + 1, 1:], k[b : b + 1], v[b : b + 1], mask[b : b + 1, :, 1:], scale)
     # where, not a product: a padding row past the cache's end holds NaN
     return torch.where(valid, out, 0.0).to(q.dtype)
 

@@ -173,29 +173,45 @@ def test_each_node_attends_to_exactly_its_path(num_splits, poison_empty):
 
 
 @pytest.mark.parametrize("num_new, plan", [
-    ([2, 1, 1, 1], "padded"),  # padding adds at most 2x the rows: one product
+    ([2, 1, 1, 1], "padded"),  # few padding rows over a short cache: one product
     ([9, 1, 1, 1, 1, 1], "views"),  # one deep tree: first tokens, then its rows on a view of its cache
-    ([9, 4, 9] + [1] * 13, "gathered"),  # three trees among 16: their caches gathered
+    ([9, 4, 9] + [1] * 13, "views"),  # three trees among 16
     ([40, 1, 3, 1], "each"),  # prompts of very different lengths: request by request
-], ids=lambda x: x if isinstance(x, str) else None)
-def test_reference_ragged_plans_attend_to_exactly_the_path(num_new, plan):
-    """The CPU reference splits a ragged batch in one of four ways; each must give every
-    node exactly its path's attention and zero at padding."""
-    from kernels.tree_attention import _reference_plan
+], ids=["padded", "views1", "views3", "each"])
+def test_reference_ragged_plans_attend_to_exactly_the_path(num_new, plan, monkeypatch):
+    """The CPU reference splits a ragged batch in one of three ways; each must give every
+    node exactly its path's attention and zero at padding. (These caches are short, so splits
+    are forced by pricing a product of its own low.)"""
+    from kernels import tree_attention as ta
 
+    if plan == "views":
+        monkeypatch.setattr(ta, "SPLIT_COST", 10)
     gen = torch.Generator().manual_seed(len(num_new))
     B, N = len(num_new), max(num_new)
     prefix = i32([(5 * b) % 23 for b in range(B)])
     q, k, v = make_qkv(B, N, 3, 1, 16, 23 + N, gen, device="cpu")
     parents = random_parents(B, N, gen, forest=True)
     batch = AttentionBatch(prefix.cpu(), i32(num_new).cpu(), tree_from_parents(parents))
-    extra = _reference_plan(batch, N, k.shape[2])[3]
-    assert {"padded": extra is None, "views": isinstance(extra, list),
-            "gathered": torch.is_tensor(extra), "each": isinstance(extra, tuple)}[plan]
+    extra = ta._reference_plan(batch, N, k.shape[2])[3]
+    assert {"padded": extra is None, "views": isinstance(extra, list) and len(extra) == sum(n > 1 for n in num_new),
+            "each": isinstance(extra, tuple)}[plan]
     out = tree_attention_reference(q, k, v, batch)
     torch.testing.assert_close(out, path_attention(q, k, v, prefix.cpu(), i32(num_new).cpu(), parents), **TOL)
     for b, n in enumerate(num_new):
         assert (out[b, n:] == 0).all(), "padding rows must be zero"
+
+
+def test_reference_splits_where_padding_rows_cost_more_than_products_of_their_own():
+    """At batch 16, 5 nodes wide: over ~1300 cached tokens a few deep trees go apart and many share
+    one padded product; over 64 tokens padding is cheap and one product wins."""
+    from kernels.tree_attention import _reference_plan
+
+    def plan(trees, cached):
+        num_new = i32([5] * trees + [1] * (16 - trees)).cpu()
+        tree = tree_from_parents(torch.where(torch.arange(5) < num_new.view(-1, 1), torch.arange(5) - 1, -1))
+        return _reference_plan(AttentionBatch(i32([cached] * 16).cpu(), num_new, tree), 5, 2048)[3]
+
+    assert plan(4, 1300) == [0, 1, 2, 3] and plan(12, 1300) is None and plan(1, 64) is None
 
 
 @pytest.mark.parametrize("N", [7, 16], ids=lambda n: f"N{n}")
