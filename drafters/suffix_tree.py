@@ -105,6 +105,31 @@ class SuffixTree:
     def __len__(self) -> int:
         return len(self._tokens)
 
+    def __deepcopy__(self, memo):
+        """Node by node, without recursion: through children and suffix links the object graph is
+        far deeper than Python's recursion limit, so `copy.deepcopy`'s default walk fails."""
+        twin = SuffixTree.__new__(SuffixTree)
+        memo[id(self)] = twin
+        new, order = {id(self.root): Node(None)}, [self.root]
+        for node in order:  # every Node reachable by children or links, each copied once
+            more = [] if node.link is None else [node.link]
+            more += [c for c in (node.children or {}).values() if isinstance(c, Node)]
+            for m in more:
+                if id(m) not in new:
+                    new[id(m)] = Node(None)
+                    order.append(m)
+        for node in order:
+            c = new[id(node)]
+            c.count, c.link = node.count, None if node.link is None else new[id(node.link)]
+            if node.children is not None:
+                c.children = {t: new[id(x)] if isinstance(x, Node) else Leaf(x.seq, x.pos)
+                              for t, x in node.children.items()}
+        twin.max_depth, twin.root, twin._next_id = self.max_depth, new[id(self.root)], self._next_id
+        twin.num_nodes, twin.num_leaves = self.num_nodes, self.num_leaves
+        twin._tokens = {k: list(v) for k, v in self._tokens.items()}
+        twin._suffixes = {k: [new[id(n)] for n in v] for k, v in self._suffixes.items()}
+        return twin
+
     def sequence_ids(self) -> list:
         return list(self._tokens)
 

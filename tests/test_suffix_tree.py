@@ -2,6 +2,7 @@
 counts, speculation trees against brute-force scores and a hand-checked example, global learning
 and eviction, bad corpora, and greedy losslessness end to end."""
 
+import copy
 import math
 import random
 import statistics
@@ -100,6 +101,23 @@ def test_counts_match_brute_force_through_extend_and_eviction(vocab, max_depth):
                 live[survivor].append(t)
             check_tree(tree, list(live.values()), vocab, g)
         assert (tree.num_nodes, tree.num_leaves, tree.root.count, tree.root.children) == (1, 0, 0, None)
+
+
+def test_deep_copy_is_independent_and_needs_no_recursion():
+    """A copy of a tree over long text (its graph is deeper than Python's recursion limit) counts
+    exactly what the original does, and each then grows and evicts on its own."""
+    g = random.Random(7)
+    tree = SuffixTree(64)
+    seqs = {tree.add_sequence(x): x for x in random_seqs(g, 3, 8, 150)}  # default deepcopy: RecursionError
+    twin = copy.deepcopy(tree)
+    check_tree(twin, list(seqs.values()), 3, g)
+    first = next(iter(seqs))
+    twin.remove_sequence(first)
+    twin.extend(first + 1, 2)
+    check_tree(tree, list(seqs.values()), 3, g)  # the original is untouched
+    rest = {k: list(v) for k, v in seqs.items() if k != first}
+    rest[first + 1].append(2)
+    check_tree(twin, list(rest.values()), 3, g)
 
 
 @pytest.mark.parametrize("vocab", [2, 4])
