@@ -267,11 +267,12 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
     ones), each configuration first decodes one untimed batch of B of them: its drafter and its
     controller start the measured prompts in the state a server would have them in, not cold.
 
-    With `repeats` > 1 the measured batches are decoded that many times (rounds, each one every
-    configuration in turn, each from the warmed-up drafter and controller): rows total all rounds, and `speedup_range` gives the lowest and
-    highest speedup over AR of a single round, the spread that machine noise alone puts on a
-    ratio (what a difference of a few percent must clear). `on_batch(report)` is called with the
-    report so far after each batch size (a long sweep can be written as it goes).
+    With `repeats` > 1 the measured batches are decoded that many times (rounds of every
+    configuration in turn, each round from the warmed-up drafter and controller): rows total all
+    rounds, and `speedup_range` gives the lowest and highest speedup over AR of a single round,
+    the spread that machine noise alone puts on a ratio (what a difference of a few percent must
+    clear). `on_batch(report)` is called with the report so far after each batch size (a long
+    sweep can be written as it goes).
     """
     from tqdm import tqdm
 
@@ -322,7 +323,7 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
             for (d, k), drafter in instances.items():
                 decode(cyclic(warm, B, 0), d, k, drafter)
         acc = {c: defaultdict(float) for c in configs}
-        per_round = {c: [] for c in configs}  # (tokens, seconds) of each round
+        per_round = {c: [] for c in configs}  # tokens/s of each round
         for _ in range(repeats):
             # every round starts from the warmed-up state: a drafter that learns from finished requests
             # (SuffixDecoding's global tree) must not have seen the answers it is measured on

@@ -231,8 +231,9 @@ class StepTimeFit:
         step - c(B, B) - drafting  =  o + s * (c(B, T) - c(B, B))
 
     o is the step's fixed work outside the forward (verification kernel, cache commit,
-    bookkeeping), less what the grid over-charges for a plain decode step; s scales the measured price of the extra tokens, which the grid (requests'
-    drafts spread evenly) gets wrong when a few requests bring deep trees. A least-squares fit
+    bookkeeping), less what the grid over-charges for a plain decode step; s scales the measured
+    price of the extra tokens, which the grid (requests' drafts spread evenly, 256 cached tokens)
+    gets wrong when a few requests bring deep trees or contexts are much longer. A least-squares fit
     with fading weights (memory per step), shrunk toward o = 0, s = 1 by `prior` steps' worth
     of evidence at a typical extra cost `x0` seconds, so that at batch 1 (where every step drafts
     and the extra cost barely varies) the fixed part cannot leak into s.
