@@ -107,7 +107,9 @@ class SuffixTree:
 
     def __deepcopy__(self, memo):
         """Node by node, without recursion: through children and suffix links the object graph is
-        far deeper than Python's recursion limit, so `copy.deepcopy`'s default walk fails."""
+        far deeper than Python's recursion limit, so `copy.deepcopy`'s default walk fails. Nodes
+        and sequences go into `memo`, so a copied holder of them (a request's `tokens`, which is
+        the tree's own list) shares the copies as the original shares the originals."""
         twin = SuffixTree.__new__(SuffixTree)
         memo[id(self)] = twin
         new, order = {id(self.root): Node(None)}, [self.root]
@@ -128,6 +130,8 @@ class SuffixTree:
         twin.num_nodes, twin.num_leaves = self.num_nodes, self.num_leaves
         twin._tokens = {k: list(v) for k, v in self._tokens.items()}
         twin._suffixes = {k: [new[id(n)] for n in v] for k, v in self._suffixes.items()}
+        memo.update((id(node), new[id(node)]) for node in order)
+        memo.update((id(self._tokens[k]), twin._tokens[k]) for k in self._tokens)
         return twin
 
     def sequence_ids(self) -> list:

@@ -9,7 +9,6 @@ and beside them the decode-only speedup: the same ratio on tokens/s after each t
 A multi-turn question continues the conversation with the method's own earlier answer.
 """
 
-import copy
 import datetime
 import json
 import platform
@@ -301,7 +300,7 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
             return "none"
         if d not in fresh:  # built once (a static index from a corpus takes a while), then copied
             fresh[d] = make_drafter(d, **options.get(d, {}))
-        return copy.deepcopy(fresh[d])
+        return clone_drafter(fresh[d])
 
     def decode(batch, d, k, drafter):
         return generate(model, batch, max_new_tokens=max_new_tokens, drafter=drafter,
