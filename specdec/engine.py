@@ -22,6 +22,7 @@ from kernels.tree_attention import tree_from_parents
 from kernels.verify import VerifyResult, sample_tokens, verify
 from specdec.generate import SamplingParams, eos_tensor, prefill
 from specdec.loading import Model
+from specdec.model import survivors
 from specdec.profiling import nvtx_range
 
 
@@ -159,7 +160,7 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
 
     while True:
         if bool(done.any()):
-            index = (~done).nonzero()[:, 0]
+            index = survivors(~done)  # a request's row may change: s.ids follows it
             if index.numel() == 0:
                 break
             s = s.keep(index)

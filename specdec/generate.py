@@ -14,6 +14,7 @@ import torch
 
 from kernels.sampling import sample, uniforms
 from specdec.loading import Model
+from specdec.model import survivors
 
 
 @dataclass
@@ -153,7 +154,7 @@ def autoregressive(model: Model, prompt_ids, max_new_tokens: int, params: Sampli
             break
         finished = torch.isin(token, eos)
         if bool(finished.any()):  # the step's one host sync (the loop's exit test needs it)
-            keep = (~finished).nonzero()[:, 0]
+            keep = survivors(~finished)
             if keep.numel() == 0:
                 break
             active, token, one = active[keep], token[keep], one[keep]

@@ -192,10 +192,30 @@ class KVCache(nn.Module):
         self.lens += count.to(self.lens.dtype)
 
     def reorder(self, index: torch.Tensor):
-        """Keep only the sequences `index` (B',), in that order (finished requests leave)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
+        """Keep only the sequences `index` (B',), in that order (finished requests leave).
+
+        Only the rows that change are copied, and the batch is cut to B' rows by a view: with
+        `survivors`' index that is one row per leaving request, where gathering every kept row
+        would copy the whole cache (3 s at batch 64 and 1,100 slots on a 2-core CPU)."""
+        n = index.numel()
+        moved = (index != torch.arange(n, device=index.device)).nonzero()[:, 0]
+        if moved.numel():
+            src = index[moved]
+            for cache in (self.k, self.v):
+                cache[:, moved] = cache[:, src]  # the right side is gathered before the write
+        self.k, self.v = self.k[:, :n], self.v[:, :n]
         self.lens = self.lens[index]
+
+
+def survivors(alive: torch.Tensor) -> torch.Tensor:
+    """The new row order when the requests not `alive` (B,) bool leave a batch: an index (B',)
+    where row i of the smaller batch is old row index[i]. Survivors keep their rows, except that
+    those beyond row B' move into the rows of leavers, so reordering a cache moves only them."""
+    keep = alive.nonzero()[:, 0]
+    n = keep.numel()
+    index = torch.arange(n, device=alive.device)
+    index[(~alive[:n]).nonzero()[:, 0]] = keep[keep >= n]
+    return index
 
 
 @dataclass

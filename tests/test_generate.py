@@ -55,10 +55,14 @@ def test_requests_that_stop_early_leave_the_batch_without_changing_the_others(mo
     try:
         want = [specdec.generate(model, p, max_new_tokens=12).token_ids[0] for p in PROMPTS]
         got = specdec.generate(model, PROMPTS, max_new_tokens=12).token_ids
+        # the speculative engine too: the last request moves into the leaver's row, with its drafter state
+        spec = {d: specdec.generate(model, PROMPTS, max_new_tokens=12, drafter=d, num_draft_tokens=3).token_ids
+                for d in ("ngram", "suffix", "recycle")}
     finally:
         model.config.eos_token_ids = eos
     assert len(want[1]) <= 3 and any(len(w) == 12 for w in want)
     assert got == want
+    assert spec == {d: want for d in spec}
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(model):

@@ -116,6 +116,34 @@ def test_commit_of_the_root_alone_keeps_it_in_place(tiny):
     torch.testing.assert_close(tiny(nxt, cache), tiny(nxt, ref), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("alive", [[1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]])
+def test_survivors_move_only_rows_past_the_new_batch(alive):
+    from specdec.model import survivors
+
+    alive = torch.tensor(alive, dtype=torch.bool)
+    index = survivors(alive)
+    n = int(alive.sum())
+    assert sorted(index.tolist()) == alive.nonzero()[:, 0].tolist()  # every survivor once
+    stay = index == torch.arange(n)
+    assert torch.equal(stay, alive[:n])  # a survivor within the new batch keeps its row
+
+
+@pytest.mark.parametrize("index", [[3, 1, 5, 2], [4, 5], [2, 0, 1], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+def test_reorder_equals_gathering_the_kept_rows(tiny, index):
+    cache = tiny.new_cache(6, 16)
+    tiny(ids(5, seed=42, batch=6), cache)
+    cache.advance(torch.arange(6, dtype=torch.int32) + 1)
+    k, v, lens = cache.k.clone(), cache.v.clone(), cache.lens.clone()
+    index = torch.tensor(index)
+    cache.reorder(index)
+    assert torch.equal(cache.k, k[:, index]) and torch.equal(cache.v, v[:, index])
+    assert torch.equal(cache.lens, lens[index])
+    nxt = ids(1, seed=43, batch=len(index))  # and it goes on decoding from there
+    ref = tiny.new_cache(len(index), 16)
+    ref.k.copy_(k[:, index]), ref.v.copy_(v[:, index]), ref.lens.copy_(lens[index])
+    torch.testing.assert_close(tiny(nxt, cache), tiny(nxt, ref), atol=1e-6, rtol=1e-6)
+
+
 def test_ragged_batch_equals_each_alone(tiny):
     seqs = [ids(n, seed=10 + n)[0] for n in (3, 11, 1, 7)]
     B, N = len(seqs), 11
