@@ -134,12 +134,11 @@ def autoregressive(model: Model, prompt_ids, max_new_tokens: int, params: Sampli
     B = len(prompt_ids)
     temperature, top_k, top_p, seeds = params.tensors(B, device)
     eos = eos_tensor(model, device)
+    t0 = time.perf_counter()  # the prefill's time includes the cache's allocation, as in the speculative engine
     cache = net.new_cache(B, max(len(p) for p in prompt_ids) + max_new_tokens)
     out = torch.full((B, max_new_tokens), -1, dtype=torch.int64, device=device)
     active = torch.arange(B, device=device)  # (B',) the requests still decoding
     one = torch.ones(B, dtype=torch.int32, device=device)
-
-    t0 = time.perf_counter()
     logits = prefill(net, cache, prompt_ids)
     if logits.is_cuda:
         torch.cuda.synchronize(logits.device)
