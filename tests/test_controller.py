@@ -39,9 +39,14 @@ def best_by_brute_force(alphas, step_cost, max_k):
     return best
 
 
+def charged(c):
+    """The step cost the controller's objective charges: a drafted step's discounted by min_gain."""
+    return lambda B, T: c.step_cost(B, T) * (1 + c.min_gain * (T > B))
+
+
 def rate_of(c, alphas, sizes):
     tokens = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(alphas, sizes.tolist()))
-    return tokens / c.step_cost(len(alphas), len(alphas) + int(sizes.sum()))
+    return tokens / charged(c)(len(alphas), len(alphas) + int(sizes.sum()))
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
@@ -54,7 +59,7 @@ def test_picks_the_length_that_maximizes_expected_tokens_per_second(alpha, per_t
     assert sizes.shape == (batch,) and int(sizes.max()) - int(sizes.min()) <= 1  # like requests, like drafts
     # Alone, the exhaustive search over K; in a batch, against every total number of nodes.
     if batch == 1:
-        want, _ = best_by_brute_force([alpha], c.step_cost, c.max_k)
+        want, _ = best_by_brute_force([alpha], charged(c), c.max_k)
     else:
         want = max(rate_of(c, [alpha] * batch, t // batch + (torch.arange(batch) < t % batch).long())
                    for t in range(batch * c.max_k + 1))  # every total, spread as evenly as it goes
@@ -73,7 +78,7 @@ def test_sizes_each_request_by_its_own_acceptance(per_token):
     for bucket, a in enumerate(alphas):
         c.stats.accepts[bucket] = 100_000 * a ** torch.arange(1, 17, dtype=torch.float64)
     sizes = c.choose(4, match_len=torch.arange(4))
-    want, want_sizes = best_by_brute_force(alphas, c.step_cost, 16)
+    want, want_sizes = best_by_brute_force(alphas, charged(c), 16)
     assert rate_of(c, alphas, sizes) == pytest.approx(want, rel=1e-9), (sizes, want_sizes)
     assert sizes.tolist() == sorted(sizes.tolist())
 
@@ -85,6 +90,17 @@ def test_shrinks_toward_zero_as_the_cost_curve_steepens():
         c.cost = synthetic_cost(per_token)
         chosen.append(int(c.choose(16).sum()))
     assert chosen == sorted(chosen, reverse=True) and chosen[0] > 4 * 16 and chosen[-1] == 0
+
+
+@pytest.mark.parametrize("min_gain", [0.0, 0.03, 0.1])
+def test_a_draft_must_promise_min_gain_over_a_plain_step(min_gain):
+    """One request accepting 0.5 of a one-node draft whose node costs 0.45 of a step: a drafted
+    step promises 1.5 / 1.45 = +3.4% tokens per second. Taken at min_gain 0 and 0.03, not at 0.1."""
+    c = with_rate(0.5, max_k=1)
+    c.min_gain = min_gain
+    c.cost = CostModel((1, 2), (1, 2), [[1.0, 1.45], [2.0, 2.9]])
+    assert c.choose(1).tolist() == [int(1.5 / 1.45 > 1 + min_gain)]
+    assert c.worth_drafting(1) == (1.5 / 1.45 > 1 + min_gain)
 
 
 def test_larger_batches_draft_less():
