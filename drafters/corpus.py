@@ -2,7 +2,9 @@
 SuffixDecoding's global tree): a list of documents, each a list of token ids.
 
 Stored as one .npz: `tokens` (all documents concatenated, int32) and `offsets` (D + 1,) int64,
-plus `vocab_size`. Built by `specdec corpus` from the model's own responses to a prompt set.
+plus `vocab_size`, and `sources`: the ids of the prompts it was built from, where known. Built by
+`specdec corpus` from the model's own responses to a prompt set; `specdec bench` refuses a corpus
+built from a question it measures (a drafter would retrieve the very answer it is timed on).
 """
 
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 
 
 class Corpus:
-    def __init__(self, documents, vocab_size: int):
+    def __init__(self, documents, vocab_size: int, sources=None):
         docs = [np.asarray(d, dtype=np.int64).ravel() for d in documents]
         docs = [d for d in docs if d.size]
         if not docs:
@@ -25,6 +27,7 @@ class Corpus:
         self.tokens = flat.astype(np.int32)
         self.offsets = np.concatenate([[0], np.cumsum([d.size for d in docs])]).astype(np.int64)
         self.vocab_size = int(vocab_size)
+        self.sources = None if sources is None else [str(x) for x in sources]  # prompt ids, None: unknown
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -38,7 +41,8 @@ class Corpus:
     def save(self, path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, tokens=self.tokens, offsets=self.offsets, vocab_size=self.vocab_size)
+        extra = {} if self.sources is None else {"sources": np.array(self.sources, dtype=str)}
+        np.savez_compressed(path, tokens=self.tokens, offsets=self.offsets, vocab_size=self.vocab_size, **extra)
 
     @classmethod
     def load(cls, path) -> "Corpus":
@@ -49,4 +53,14 @@ class Corpus:
             if not {"tokens", "offsets", "vocab_size"} <= set(z.files):
                 raise ValueError(f"{path} is not a specdec corpus (expected tokens, offsets, vocab_size)")
             tokens, offsets, vocab = z["tokens"], z["offsets"], int(z["vocab_size"])
-        return cls([tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])], vocab)
+            sources = z["sources"].tolist() if "sources" in z.files else None
+        return cls([tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])], vocab, sources)
+
+    @staticmethod
+    def sources_of(path):
+        """The prompt ids a saved corpus was built from (without loading its tokens); None: unknown."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no corpus at {path}: build one with `specdec corpus`")
+        with np.load(path) as z:
+            return z["sources"].tolist() if "sources" in z.files else None

@@ -231,7 +231,27 @@ def build_corpus(model, questions, max_new_tokens=256, batch_size=16, progress=T
         budget = min(max_new_tokens, model.config.max_context - max(len(prompts[j]) for j in chunk))
         for j, ids in zip(chunk, generate(model, [prompts[j] for j in chunk], max_new_tokens=budget).token_ids):
             responses[j] = ids
-    return Corpus(responses, model.config.vocab_size)
+    return Corpus(responses, model.config.vocab_size, sources=[q["question_id"] for q in questions])
+
+
+def check_corpus(path, questions):
+    """Refuse a corpus built from any of the measured `questions`: the retrieval drafters would
+    find the very answer they are timed on. A corpus that does not record its prompts (one made
+    elsewhere) cannot be checked: a warning says so."""
+    import sys
+
+    from drafters.corpus import Corpus
+
+    sources = Corpus.sources_of(path)
+    if sources is None:
+        print(f"specdec: warning: {path} does not record the prompts it was built from; make sure none of the "
+              f"measured questions is among them", file=sys.stderr)
+        return
+    seen = sorted({str(q["question_id"]) for q in questions} & set(sources), key=lambda x: (len(x), x))
+    if seen:
+        raise ValueError(f"the corpus {path} was built from {len(seen)} of the measured questions "
+                         f"(ids {', '.join(seen[:8])}{', ...' if len(seen) > 8 else ''}): build it with "
+                         f"`specdec corpus --exclude-sample N` for the sample measured, or measure other questions")
 
 
 def exclude(questions, measured):

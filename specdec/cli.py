@@ -93,8 +93,10 @@ def cmd_bench(args):
     from specdec import bench
 
     questions = bench.load_questions(args.questions, per_category=args.per_category, limit=args.limit)
-    model = _load(args)
     drafters = [d for d in args.drafters.split(",") if d]
+    if args.corpus and set(drafters) & set(CORPUS_DRAFTERS):
+        bench.check_corpus(args.corpus, questions)
+    model = _load(args)
     if args.batch_sizes:
         sizes = [int(x) for x in args.batch_sizes.split(",")]
         if any(b < 1 for b in sizes):

@@ -65,8 +65,26 @@ def test_corpus_command_excludes_the_measured_sample(tmp_path):
     main(["corpus", "--questions", str(questions), "--exclude-sample", "1", "--max-new-tokens", "8",
           "--out", str(out), "--device", "cpu"])
     assert len(Corpus.load(out)) == 2  # the one question bench would measure is left out
+    measured = {str(q["question_id"]) for q in bench.load_questions(questions, per_category=1)}
+    assert set(Corpus.load(out).sources) == {"0", "1", "2"} - measured
+    with pytest.raises(SystemExit):  # measuring every question: the corpus holds answers to two of them
+        main(["bench", "--questions", str(questions), "--drafters", "sam", "--corpus", str(out), "--device", "cpu"])
     with pytest.raises(SystemExit):
         main(["corpus", "--exclude-sample", "1", "--out", str(out), "--device", "cpu"])
+
+
+def test_bench_refuses_a_corpus_built_from_measured_questions(tmp_path, capsys):
+    from drafters.corpus import Corpus
+
+    questions = [dict(question_id=i, category="a", turns=["hi"]) for i in (81, 82)]
+    Corpus([[1, 2]], vocab_size=10, sources=[82, 90]).save(tmp_path / "overlap.npz")
+    with pytest.raises(ValueError, match="built from 1 of the measured questions .ids 82"):
+        bench.check_corpus(tmp_path / "overlap.npz", questions)
+    Corpus([[1, 2]], vocab_size=10, sources=[90, 91]).save(tmp_path / "apart.npz")
+    bench.check_corpus(tmp_path / "apart.npz", questions)
+    Corpus([[1, 2]], vocab_size=10).save(tmp_path / "unknown.npz")
+    bench.check_corpus(tmp_path / "unknown.npz", questions)
+    assert "does not record the prompts" in capsys.readouterr().err
 
 
 def test_cli_errors(capsys):

@@ -10,6 +10,9 @@ def test_round_trip(tmp_path):
     c.save(tmp_path / "c.npz")
     d = Corpus.load(tmp_path / "c.npz")
     assert [x.tolist() for x in d.documents()] == [[1, 2, 3], [4], [5, 6]] and d.vocab_size == 10
+    assert d.sources is None and Corpus.sources_of(tmp_path / "c.npz") is None  # provenance unknown
+    Corpus([[1]], vocab_size=10, sources=[81, "q2"]).save(tmp_path / "s.npz")
+    assert Corpus.load(tmp_path / "s.npz").sources == Corpus.sources_of(tmp_path / "s.npz") == ["81", "q2"]
 
 
 @pytest.mark.parametrize("docs, match", [([], "empty"), ([[], []], "empty"), ([[1, 10]], "outside"),
