@@ -4,10 +4,10 @@ One verification step of B requests whose trees bring T = B + sum_b K_b tokens c
 seconds (the model runs only the real tokens: `specdec.model.Layout`) and adds, per request b,
 E_b(K_b) tokens in expectation. Each step the controller sizes every request's draft:
 
-    {K_b} = argmax  sum_b E_b(K_b) / (c(B, B + sum_b K_b) + o)          0 <= K_b <= K_max
+    {K_b} = argmax  sum_b E_b(K_b) / (c(B, B + sum_b K_b) + o + v [any K_b > 0])     0 <= K_b <= K_max
 
-with o the step's other fixed work, and a drafted step's cost raised by a margin (min_gain, 3%)
-that a prediction's error would cross. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the online estimate
+with o the step's other fixed work and v a drafted step's fixed extra (both fitted online), and
+a drafted step's cost raised by a small margin (min_gain, 1%) against a prediction's error. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the online estimate
 of P(draft node k is accepted): drafters order nodes best first, so for a chain p_k is the chance
 of k + 1 correct tokens and for a tree the chance that its k-th likeliest node lies on the accepted
 path. Kept per drafter and per match-length bucket when the drafter reports one (longer suffix
@@ -33,50 +33,62 @@ WIDTHS = (1, 1.0625, 1.25, 1.5, 2, 3, 5, 9, 17, 33)  # new tokens per request, o
 
 
 class CostModel:
-    """Verification cost c(B, N) in seconds, interpolated log-linearly from a measured grid."""
+    """Verification cost c(B, N) in seconds, interpolated from a measured grid: linearly in the
+    token count within a measured batch size, log-linearly between batch sizes.
 
-    def __init__(self, batches, widths, seconds):
+    `first_extra` (optional, per batch size): c(B, B + 1), one request bringing one extra token.
+    A ragged batch takes the packed path, so that first token costs far more than the next ones
+    (on a 2-core CPU +14% of a step at batch 4, +6% at 16); at batch 64 the nearest grid width
+    brings 4 extra tokens, and a line from there down to B tokens would price the first at a
+    quarter of what it costs."""
+
+    def __init__(self, batches, widths, seconds, first_extra=None):
         self.batches, self.widths = list(batches), list(widths)
         self.seconds = [list(row) for row in seconds]  # [len(batches)][len(widths)]
+        self.first_extra = None if first_extra is None else list(first_extra)  # [len(batches)]
+        self._rows = {}
 
-    @staticmethod
-    def _bracket(grid, x, log):
-        x = min(max(x, grid[0]), grid[-1])
-        f = math.log if log else float
-        for i in range(len(grid) - 1):
-            if x <= grid[i + 1]:
-                lo, hi = grid[i], grid[i + 1]
-                t = 0.0 if hi == lo else (f(x) - f(lo)) / (f(hi) - f(lo))
-                return i, t
-        return len(grid) - 2, 1.0
+    def _row(self, i):
+        """(tokens, seconds) of batch row i: the token counts measured (as `measure` runs them), ascending."""
+        if i not in self._rows:
+            B = self.batches[i]
+            points = {}
+            for w, sec in zip(self.widths, self.seconds[i]):
+                points[max(B, round(B * w))] = sec  # a wider width at the same count: the later, larger
+            if self.first_extra is not None:
+                points[B + 1] = self.first_extra[i]
+            tokens = np.array(sorted(points), dtype=np.float64)
+            self._rows[i] = tokens, np.maximum.accumulate([points[t] for t in sorted(points)])
+        return self._rows[i]
 
     def __call__(self, batch: int, width: float) -> float:
-        """Seconds for B requests with `width` new tokens each (a mean: T = B x width in all);
-        linear in the token count between grid widths, log-linear between grid batches."""
-        i, s = self._bracket(self.batches, batch, log=True)
-        j, t = self._bracket(self.widths, width, log=False)
-        c = self.seconds
-        top = c[i][j] * (1 - t) + c[i][j + 1] * t
-        bottom = c[i + 1][j] * (1 - t) + c[i + 1][j + 1] * t
-        value = top * (1 - s) + bottom * s
-        if batch > self.batches[-1]:  # beyond the grid: cost grows in proportion to the batch
-            value *= batch / self.batches[-1]
+        """Seconds for B requests with `width` new tokens each (a mean: T = B x width in all)."""
+        grid = self.batches
+        b = min(max(batch, grid[0]), grid[-1])
+        i = next((k for k in range(len(grid) - 1) if b <= grid[k + 1]), len(grid) - 2) if len(grid) > 1 else 0
+        value = float(np.interp(grid[i] * width, *self._row(i)))
+        if len(grid) > 1:
+            s = (math.log(b) - math.log(grid[i])) / (math.log(grid[i + 1]) - math.log(grid[i]))
+            value = value * (1 - s) + float(np.interp(grid[i + 1] * width, *self._row(i + 1))) * s
+        if batch > grid[-1]:  # beyond the grid: cost grows in proportion to the batch
+            value *= batch / grid[-1]
         return value
 
     def to_json(self):
-        return dict(batches=self.batches, widths=self.widths, seconds=self.seconds)
+        d = dict(batches=self.batches, widths=self.widths, seconds=self.seconds)
+        return d if self.first_extra is None else {**d, "first_extra": self.first_extra}
 
     @classmethod
     def from_json(cls, d):
-        return cls(d["batches"], d["widths"], d["seconds"])
+        return cls(d["batches"], d["widths"], d["seconds"], d.get("first_extra"))
 
     @classmethod
     def measure(cls, net, context=256, batches=BATCHES, widths=WIDTHS, reps=5, max_tokens=None):
         """Time one verification forward of B requests bringing T = round(B x width) new tokens,
         spread as evenly as they go (chains of 1 + j // B or 2 + j // B nodes), at `context` cached
         tokens, as the engine runs it: a ragged batch takes the packed path, whose first extra token
-        costs more than the next ones. The median of `reps` runs, made non-decreasing in width
-        (a wider tree never costs less; a dip is noise).
+        costs more than the next ones, so c(B, B + 1) is measured too (`first_extra`). The median
+        of `reps` runs, made non-decreasing in width (a wider tree never costs less; a dip is noise).
 
         On CPU the grid stops where T exceeds `max_tokens` (default 1024 on CPU); the rest is
         extrapolated linearly in the token count, which is what a compute-bound forward does.
@@ -85,7 +97,25 @@ class CostModel:
 
         device = net.device
         max_tokens = max_tokens or (10**9 if device.type == "cuda" else 1024)
-        seconds = []
+
+        def forward_seconds(cache, B, T):
+            num_new = 1 + (T - B) // B + (torch.arange(B, device=device) < (T - B) % B).int()  # (B,)
+            N = int(num_new.max())
+            x = torch.full((B, N), 7, device=device)
+            tree = tree_from_parents(torch.arange(-1, N - 1, device=device).expand(B, N))
+            positions = cache.lens.long().view(B, 1) + torch.arange(N, device=device)
+            times = []
+            for _ in range(reps + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                net(x, cache, positions=positions, num_new=num_new, tree=tree)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            return sorted(times[1:])[len(times[1:]) // 2]  # median, the first run warms up
+
+        seconds, first_extra = [], []
         with torch.inference_mode():
             for B in batches:
                 cache = net.new_cache(B, context + math.ceil(max(widths)) + 1)
@@ -95,24 +125,11 @@ class CostModel:
                     T = max(B, round(B * w))
                     if T > max_tokens and row:
                         row.append(row[-1] * T / max(B, round(B * widths[len(row) - 1])))
-                        continue
-                    num_new = 1 + (T - B) // B + (torch.arange(B, device=device) < (T - B) % B).int()  # (B,)
-                    N = int(num_new.max())
-                    x = torch.full((B, N), 7, device=device)
-                    tree = tree_from_parents(torch.arange(-1, N - 1, device=device).expand(B, N))
-                    positions = cache.lens.long().view(B, 1) + torch.arange(N, device=device)
-                    times = []
-                    for _ in range(reps + 1):
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        net(x, cache, positions=positions, num_new=num_new, tree=tree)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize()
-                        times.append(time.perf_counter() - t0)
-                    row.append(sorted(times[1:])[len(times[1:]) // 2])  # median, first run warms up
+                    else:
+                        row.append(forward_seconds(cache, B, T))
                 seconds.append([max(row[: j + 1]) for j in range(len(row))])
-        return cls(batches, widths, seconds)
+                first_extra.append(max(row[0], forward_seconds(cache, B, B + 1)))
+        return cls(batches, widths, seconds, first_extra)
 
     @classmethod
     def cached(cls, net, name: str, path_dir=None):
@@ -120,8 +137,8 @@ class CostModel:
         from specdec.loading import cache_dir
 
         dev = torch.cuda.get_device_name(net.device) if net.device.type == "cuda" else f"cpu{torch.get_num_threads()}"
-        # v3: the ragged (packed) forward as of this version; a curve measured by an older one is not reused
-        key = f"v3-{dev}-{name}-{str(net.dtype).replace('torch.', '')}".replace(" ", "_").replace("/", "_")
+        # v4: with c(B, B + 1) measured; a curve measured by an older version is not reused
+        key = f"v4-{dev}-{name}-{str(net.dtype).replace('torch.', '')}".replace(" ", "_").replace("/", "_")
         path = Path(path_dir or cache_dir() / "costs") / f"{key}.json"
         if path.exists():
             return cls.from_json(json.loads(path.read_text()))
@@ -229,44 +246,47 @@ class AcceptanceStats:
 class StepTimeFit:
     """What a step really costs beyond the measured forward, fitted online:
 
-        step - c(B, B) - drafting  =  o + s * (c(B, T) - c(B, B))
+        step - c(B, B) - drafting  =  o + v [T > B] + s * (c(B, T) - c(B, B))
 
-    o is the step's fixed work outside the forward (verification kernel, cache commit,
-    bookkeeping), less what the grid over-charges for a plain decode step; s scales the measured
-    price of the extra tokens, which the grid (requests' drafts spread evenly, 256 cached tokens)
-    gets wrong when a few requests bring deep trees or contexts are much longer. A least-squares fit
-    with fading weights (memory per step), shrunk toward o = 0, s = 1 by `prior` steps' worth
-    of evidence at a typical extra cost `x0` seconds, so that at batch 1 (where every step drafts
-    and the extra cost barely varies) the fixed part cannot leak into s.
+    o is the step's fixed work outside the forward (bookkeeping), less what the grid over-charges
+    for a plain decode step; v the fixed price of verifying any draft at all beyond the grid's
+    (a plain step takes the model's causal path and samples; a drafted one builds tree masks, runs
+    the verification kernel and moves accepted entries in the cache); s scales the measured price
+    of the extra tokens, which the grid (requests' drafts spread evenly, 256 cached tokens) gets
+    wrong when a few requests bring deep trees or contexts are much longer. A least-squares fit with
+    fading weights (memory per step), shrunk toward s = 1 by `prior` steps' worth of evidence at a
+    typical extra cost `x0` seconds, toward v = 0 by a tenth of that and toward o = 0 by a
+    thousandth, so that where every step drafts (batch 1: v cannot be told from o, and the extra
+    cost barely varies) the fixed part goes to o, not into v or s.
     """
 
     def __init__(self, memory=0.98, prior=4.0, x0=0.01):
         self.memory, self.prior, self.x0 = memory, prior, x0
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.ff = np.zeros((3, 3))  # fading sums of f f^T and f y, f = (1, drafted, extra cost)
+        self.fy = np.zeros(3)
 
-    def add(self, extra_cost: float, residual: float):
-        m = self.memory
-        self.n, self.sx, self.sy = m * self.n + 1, m * self.sx + extra_cost, m * self.sy + residual
-        self.sxx, self.sxy = m * self.sxx + extra_cost ** 2, m * self.sxy + extra_cost * residual
+    def add(self, extra_cost: float, residual: float, drafted: bool | None = None):
+        """One step: the grid's price of its extra tokens and what the step took beyond c(B, B)
+        and drafting; `drafted` defaults to whether it had extra tokens."""
+        f = np.array([1.0, float(extra_cost > 0 if drafted is None else drafted), extra_cost])
+        self.ff = self.memory * self.ff + np.outer(f, f)
+        self.fy = self.memory * self.fy + f * residual
 
     def solve(self):
-        """(o, s): ridge regression with pseudo-observations o = 0 and s = 1."""
-        a, lam = self.prior, self.prior * self.x0 ** 2
-        # normal equations of sum (y - o - s x)^2 + a o^2 + lam (s - 1)^2
-        m11, m12, m22 = self.n + a, self.sx, self.sxx + lam
-        r1, r2 = self.sy, self.sxy + lam
-        det = m11 * m22 - m12 * m12
-        o, s = (m22 * r1 - m12 * r2) / det, (m11 * r2 - m12 * r1) / det
-        return o, min(max(s, 0.5), 8.0)
+        """(o, v, s): ridge regression with pseudo-observations o = 0 (faint), v = 0 (weak) and s = 1."""
+        lam = self.prior * self.x0 ** 2
+        m = self.ff + np.diag([self.prior / 1000, self.prior / 10, lam])
+        o, v, s = np.linalg.solve(m, self.fy + np.array([0.0, 0.0, lam]))
+        return float(o), float(v), min(max(float(s), 0.5), 8.0)
 
 
 class SpeculationController:
     """Sizes each request's draft every step; `observe` feeds it what verification accepted and
     what the step took.
 
-    The objective's denominator is o + c(B, B) + s (c(B, T) - c(B, B)): the measured forward
-    with its extra tokens' price scaled by s, plus the step's other fixed work o (both fitted
-    online, `StepTimeFit`). The drafting time d (a running mean) decides whether to call the
+    The objective's denominator is o + c(B, B) + v [T > B] + s (c(B, T) - c(B, B)): the measured
+    forward with its extra tokens' price scaled by s, plus the step's other fixed work o and a
+    drafted step's fixed extra v (all fitted online, `StepTimeFit`). The drafting time d (a running mean) decides whether to call the
     drafter at all (`worth_drafting`); once it has proposed, its time is spent whatever the sizes.
 
     The numerator is calibrated on the controller's own record: every expected gain E_b(K) - 1
@@ -278,12 +298,14 @@ class SpeculationController:
     """
 
     def __init__(self, cost: CostModel, max_k: int = 16, draft_seconds: float = 0.0, stats=None,
-                 min_gain: float = 0.03):
+                 min_gain: float = 0.01):
         self.cost, self.max_k = cost, max_k
-        # A step drafts only if it promises min_gain more tokens per second than a plain step: the
-        # predictions err by a few percent where gains are slim (large batches: on a 2-core CPU at
-        # batch 64, a drafted step predicted to gain 0.8% lost 6%), and a gain inside that error is
-        # a coin toss that still costs drafting. Sizes among drafted allocations are unaffected.
+        # A step drafts only if it promises min_gain more tokens per second than a plain step: where
+        # gains are slim (large batches) a predicted gain inside the predictions' error is a coin
+        # toss that still costs drafting (on a 2-core CPU at batch 64, a drafted step predicted to
+        # gain 0.8% lost 6%, before c(B, B + 1) and v were modelled). 3% cut drafting at batch 1
+        # (mean accepted tokens 1.24 -> 1.16); 1% keeps a hedge. Sizes among drafted allocations
+        # are unaffected.
         self.min_gain = float(min_gain)
         self.stats = stats or AcceptanceStats(max_nodes=max(max_k, 1))
         self.draft_seconds = draft_seconds
@@ -316,8 +338,10 @@ class SpeculationController:
         """Predicted step seconds with j = 0..extra extra tokens (all of them when None)."""
         c = self._curve(batch_size)
         c = c if extra is None else c[: extra + 1]
-        o, s = self.fit.solve()
-        return o + c[0] + s * (c - c[0])
+        o, v, s = self.fit.solve()
+        out = o + c[0] + s * (c - c[0])
+        out[1:] += v
+        return out
 
     @property
     def kappa(self) -> float:
@@ -399,4 +423,4 @@ class SpeculationController:
             B = int(drafted.shape[0])
             c = self._curve(B)
             extra = min(int(drafted.sum()), c.shape[0] - 1)
-            self.fit.add(float(c[extra] - c[0]), step_seconds - (draft_seconds or 0.0) - float(c[0]))
+            self.fit.add(float(c[extra] - c[0]), step_seconds - (draft_seconds or 0.0) - float(c[0]), extra > 0)

@@ -129,12 +129,34 @@ def test_cost_interpolation_is_exact_on_the_grid_and_monotone_between():
     assert c(128, 2) == pytest.approx(2 * c(64, 2))  # beyond the grid: proportional to the batch
 
 
+def test_the_first_extra_token_is_priced_as_measured():
+    """A ragged batch's first extra token costs a jump the width grid does not see at batch 64
+    (its first width past 1 brings 4 extra tokens): with `first_extra` measured, c(B, B + 1) is
+    exactly that, and a draft that pays only at the grid's straight-line price is not taken."""
+    widths = (1, 1.0625, 2)
+    grid = [[1.0, 1.0, 2.0], [4.0, 4.2, 8.0]]  # batch 64: 4 extra tokens cost 5% of a step...
+    line, jumped = CostModel((1, 64), widths, grid), CostModel((1, 64), widths, grid, first_extra=[1.5, 4.15])
+    assert line(64, 65 / 64) == pytest.approx(4.05) and jumped(64, 65 / 64) == pytest.approx(4.15)  # ...the first 3.75%
+    assert jumped(64, 68 / 64) == pytest.approx(4.2) and jumped(64, 1) == pytest.approx(4.0)
+    assert jumped(64, 66 / 64) == pytest.approx(4.15 + 0.05 / 3)
+    assert CostModel.from_json(jumped.to_json())(64, 65 / 64) == pytest.approx(4.15)
+    e = torch.ones(64, 2, dtype=torch.float64)
+    e[0, 1] = 2.0  # one request of 64 has a node that is surely accepted
+    for cost, drafts in ((line, 1), (jumped, 0)):  # 65 / 4.05 > 64 / 4 > 65 / 4.15
+        c = with_rate(0.5, max_k=1)
+        c.min_gain, c.cost = 0.0, cost
+        c.stats.expected_tokens = lambda *a, **k: e
+        assert int(c.choose(64).sum()) == drafts
+
+
 def test_measured_cost_is_cached(tmp_path):
     m = tiny_model(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48)
     a = CostModel.cached(m.net, "tiny", path_dir=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 1
     assert CostModel.cached(m.net, "tiny", path_dir=tmp_path).seconds == a.seconds
     assert all(x > 0 for row in a.seconds for x in row)
+    assert len(a.first_extra) == len(a.batches) and all(f >= row[0] for f, row in zip(a.first_extra, a.seconds))
+    assert CostModel.cached(m.net, "tiny", path_dir=tmp_path).first_extra == a.first_extra
 
 
 def test_auto_is_lossless(tmp_path, monkeypatch):
@@ -265,16 +287,36 @@ def test_step_time_fit_recovers_fixed_work_and_the_price_of_extra_tokens():
 
     fit = StepTimeFit(memory=1.0)
     g = torch.Generator().manual_seed(0)
-    for _ in range(400):  # steps with 0 to 40 ms of extra tokens, 3 ms of fixed work, extras 1.5x dearer
-        x = float(torch.rand((), generator=g)) * 0.04
-        fit.add(x, 0.003 + 1.5 * x + 0.0005 * float(torch.randn((), generator=g)))
-    o, s = fit.solve()
-    assert o == pytest.approx(0.003, abs=5e-4) and s == pytest.approx(1.5, abs=0.05)
+    for i in range(400):  # 3 ms of fixed work, 2 ms more for any draft, extra tokens 1.5x dearer than the grid
+        x = float(torch.rand((), generator=g)) * 0.04 if i % 3 else 0.0  # a third of the steps plain
+        fit.add(x, 0.003 + 0.002 * (x > 0) + 1.5 * x + 0.0005 * float(torch.randn((), generator=g)))
+    o, v, s = fit.solve()
+    assert o == pytest.approx(0.003, abs=3e-4) and v == pytest.approx(0.002, abs=3e-4)
+    assert s == pytest.approx(1.5, abs=0.05)
     flat = StepTimeFit(memory=1.0)
-    for _ in range(400):  # batch 1: the extra cost never varies; the fixed part must not leak into s
+    for _ in range(400):  # batch 1: every step drafts at the same extra cost; the fixed part goes to o
         flat.add(0.001, 0.004)
-    o, s = flat.solve()
-    assert s == pytest.approx(1.0, abs=0.1) and o == pytest.approx(0.003, abs=3e-4)
+    o, v, s = flat.solve()
+    assert s == pytest.approx(1.0, abs=0.1) and o == pytest.approx(0.003, abs=3e-4) and abs(v) < 1e-4
+
+
+def test_a_drafted_steps_fixed_extra_is_learned_and_raises_the_bar():
+    """At batch 64 one request has a node that is surely accepted (+1/64 tokens) at the grid's
+    0.2% of a step: drafted. Once steps show that any drafted step costs 3% more than the grid
+    says, whatever its size, that node is no longer worth a step."""
+    c = with_rate(0.5, max_k=1)
+    c.min_gain, c.cost = 0.0, synthetic_cost(0.002)
+    e = torch.ones(64, 2, dtype=torch.float64)
+    e[0, 1] = 2.0
+    c.stats.expected_tokens = lambda *a, **k: e
+    assert int(c.choose(64).sum()) == 1
+    step = c.step_cost(64, 64)
+    for i in range(300):  # half the steps plain, the others with 1..16 extra tokens
+        j = 0 if i % 2 else i % 16 + 1
+        x = c.step_cost(64, 64 + j) - step
+        c.fit.add(x, x + 0.03 * step * (j > 0), drafted=j > 0)
+    assert c.fit.solve()[1] == pytest.approx(0.03 * step, rel=0.1)
+    assert int(c.choose(64).sum()) == 0
 
 
 def test_fitted_price_of_extra_tokens_changes_the_choice():
