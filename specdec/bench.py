@@ -254,6 +254,24 @@ def check_corpus(path, questions):
                          f"`specdec corpus --exclude-sample N` for the sample measured, or measure other questions")
 
 
+def warmup_questions(questions, measured, n, corpus_sources=None):
+    """Up to n questions to warm a sweep's drafters and controllers on: never a measured one, and
+    first those whose answers are not in the corpus (`corpus_sources`: its prompt ids, None when
+    unknown or no corpus). A controller warmed on prompts the corpus answers word for word learns
+    long matches that the measured prompts do not have; a warning says when some had to be used."""
+    import sys
+
+    pool = round_robin(exclude(questions, measured))
+    if corpus_sources is not None:
+        known = {str(x) for x in corpus_sources}
+        outside = [q for q in pool if str(q["question_id"]) not in known]
+        if len(outside) < n:
+            print(f"specdec: warning: only {len(outside)} warm-up questions lie outside the corpus; "
+                  f"{min(n, len(pool)) - len(outside)} more come from its prompts", file=sys.stderr)
+        pool = outside + [q for q in pool if str(q["question_id"]) in known]
+    return pool[:n]
+
+
 def exclude(questions, measured):
     ids = {q["question_id"] for q in measured}
     return [q for q in questions if q["question_id"] not in ids]

@@ -102,7 +102,12 @@ def cmd_bench(args):
         if any(b < 1 for b in sizes):
             raise ValueError(f"batch sizes must be >= 1, got {sizes}")
         lengths = [int(x) for x in args.draft_lengths.split(",")]
-        warm = bench.round_robin(bench.exclude(bench.load_questions(args.questions), questions))[: args.warmup]
+        sources = None
+        if args.corpus and set(drafters) & set(CORPUS_DRAFTERS):
+            from drafters.corpus import Corpus
+
+            sources = Corpus.sources_of(args.corpus)
+        warm = bench.warmup_questions(bench.load_questions(args.questions), questions, args.warmup, sources)
         report = bench.sweep(model, questions, drafters, sizes, lengths, max_new_tokens=args.max_new_tokens,
                              drafter_options=_drafter_options(args, drafters), warmup=warm,
                              requests=args.requests, repeats=args.repeats,

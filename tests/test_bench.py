@@ -87,6 +87,17 @@ def test_bench_refuses_a_corpus_built_from_measured_questions(tmp_path, capsys):
     assert "does not record the prompts" in capsys.readouterr().err
 
 
+def test_warm_up_prefers_questions_whose_answers_are_not_in_the_corpus(capsys):
+    qs = [dict(question_id=i, category="abc"[i % 3], turns=["hi"]) for i in range(9)]
+    measured = qs[:3]
+    warm = bench.warmup_questions(qs, measured, 4, corpus_sources=[3, 4, 5])
+    assert [q["question_id"] for q in warm[:3]] == [6, 7, 8] and warm[3]["question_id"] in (3, 4, 5)
+    assert "only 3 warm-up questions lie outside the corpus; 1 more" in capsys.readouterr().err
+    assert [q["question_id"] for q in bench.warmup_questions(qs, measured, 2, corpus_sources=[3, 4, 5])] == [6, 7]
+    assert capsys.readouterr().err == ""
+    assert [q["question_id"] for q in bench.warmup_questions(qs, measured, 9)] == [3, 4, 5, 6, 7, 8]
+
+
 def test_cli_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "hello", "--model", "/nonexistent.gguf"])
