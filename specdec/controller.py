@@ -314,6 +314,12 @@ class SpeculationController:
         self.calibration_prior = 8.0
         self.promised = self.delivered = 0.0  # fading sums of expected and accepted draft tokens
         self._promise = None  # this step's expected accepted draft tokens, from `choose`
+        # Per batch size: fading sums of the predicted and of the realized rate gains of drafted steps. What kappa and the step-time fit leave uncorrected (a draft chosen because its
+        # estimate came out high; acceptance and cost erring together) shows up here and raises
+        # that batch size's margin (`margin`).
+        self.shortfall = {}
+        self.shortfall_prior, self.shortfall_memory = 8.0, 0.98
+        self._predicted_gain = None  # this step's predicted rate gain over a plain step, from `choose`
 
     @property
     def cost(self) -> CostModel:
@@ -343,6 +349,14 @@ class SpeculationController:
         out[1:] += v
         return out
 
+    def margin(self, batch_size: int) -> float:
+        """The gain over a plain step that a drafted step must promise at this batch size: min_gain,
+        or by how much the predicted gains of drafted steps exceed the realized ones, as a ratio of
+        sums (shrunk toward none by `shortfall_prior` steps that came true), where that is larger."""
+        predicted, realized = self.shortfall.get(batch_size, (0.0, 0.0))
+        a = self.shortfall_prior
+        return max(self.min_gain, (predicted + a) / (realized + a) - 1.0)
+
     @property
     def kappa(self) -> float:
         """Accepted over promised draft tokens, shrunk toward 1 (see the class docstring)."""
@@ -367,7 +381,7 @@ class SpeculationController:
         total = batch_size + np.concatenate([[0.0], np.cumsum(ranked[:usable])])
         seconds = self.step_seconds(batch_size, usable)  # a fresh array
         seconds[1:] += draft_seconds
-        seconds[1:] *= 1.0 + self.min_gain
+        seconds[1:] *= 1.0 + self.margin(batch_size)
         rate = total / seconds
         j = int(np.argmax(rate))  # the first best: fewer nodes on a tie
         return j, float(rate[j])
@@ -380,7 +394,9 @@ class SpeculationController:
         if count is not None:
             k = np.arange(self.max_k + 1).reshape(1, -1)
             e = np.where(k <= count.cpu().numpy().reshape(-1, 1), e, -np.inf)
-        sizes = self._allocate(e)[0]
+        sizes, rate = self._allocate(e)
+        plain_rate = batch_size / float(self.step_seconds(batch_size, 0)[0])
+        self._predicted_gain = rate * (1 + self.margin(batch_size)) / plain_rate if int(sizes.sum()) else None
         # uncalibrated E, as kappa measures it
         self._promise = float((np.take_along_axis(e, sizes.numpy().reshape(-1, 1), 1) - 1).sum())
         wait = self.backoff.setdefault(batch_size, [0, 0])
@@ -411,8 +427,16 @@ class SpeculationController:
         draft_seconds: the drafter's time this step (None: it was not called); step_seconds: the
         whole step's time, drafting included."""
         self.stats.record(drafted, accepted, match_len)
+        got = accepted.sum() if accepted.dim() == 2 else accepted.clamp(max=drafted).sum()
+        B = int(drafted.shape[0])
+        rec, m = self.shortfall.setdefault(B, [0.0, 0.0]), self.shortfall_memory
+        rec[:] = [m * rec[0], m * rec[1]]  # fades every step: a bar raised so high that nothing drafts comes down
+        if self._predicted_gain is not None and step_seconds and int(drafted.sum()) > 0:
+            realized = (B + float(got)) / step_seconds * float(self.step_seconds(B, 0)[0]) / B
+            rec[0] += self._predicted_gain
+            rec[1] += realized
+        self._predicted_gain = None
         if self._promise is not None:  # a step whose sizes `choose` set: score its promise
-            got = accepted.sum() if accepted.dim() == 2 else accepted.clamp(max=drafted).sum()
             m = self.stats.memory
             self.promised = m * self.promised + self._promise
             self.delivered = m * self.delivered + float(got)
@@ -420,7 +444,6 @@ class SpeculationController:
         if draft_seconds is not None:  # running mean per step
             self.draft_seconds = 0.9 * self.draft_seconds + 0.1 * draft_seconds
         if step_seconds is not None:
-            B = int(drafted.shape[0])
             c = self._curve(B)
             extra = min(int(drafted.sum()), c.shape[0] - 1)
             self.fit.add(float(c[extra] - c[0]), step_seconds - (draft_seconds or 0.0) - float(c[0]), extra > 0)
