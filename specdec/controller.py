@@ -6,9 +6,10 @@ E_b(K_b) tokens in expectation. Each step the controller sizes every request's d
 
     {K_b} = argmax  sum_b E_b(K_b) / (c(B, B + sum_b K_b) + o + v [any K_b > 0])     0 <= K_b <= K_max
 
-with o the step's other fixed work and v a drafted step's fixed extra (both fitted online), and
-a drafted step's cost raised by a small margin (min_gain, 1%) against a prediction's error. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the online estimate
-of P(draft node k is accepted): drafters order nodes best first, so for a chain p_k is the chance
+with o the step's other fixed work and v a drafted step's fixed extra (both fitted online), and a
+drafted step's cost raised by a margin: 1% (min_gain) against a prediction's error, more at a batch
+size where drafted steps have realized less than predicted. E_b(K) = 1 + sum_{k<K} p_k, where p_k
+is the online estimate of P(draft node k is accepted): drafters order nodes best first, so for a chain p_k is the chance
 of k + 1 correct tokens and for a tree the chance that its k-th likeliest node lies on the accepted
 path. Kept per drafter and per match-length bucket when the drafter reports one (longer suffix
 matches are accepted more). Every extra node costs the same, so the best allocation for a given
