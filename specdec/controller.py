@@ -9,8 +9,8 @@ E_b(K_b) tokens in expectation. Each step the controller sizes every request's d
 with o the step's other fixed work and v a drafted step's fixed extra (both fitted online), and a
 drafted step's cost raised by a margin: 1% (min_gain) against a prediction's error, more at a batch
 size where drafted steps have realized less than predicted. E_b(K) = 1 + sum_{k<K} p_k, where p_k
-is the online estimate of P(draft node k is accepted): drafters order nodes best first, so for a chain p_k is the chance
-of k + 1 correct tokens and for a tree the chance that its k-th likeliest node lies on the accepted
+is the online estimate of P(draft node k is accepted): drafters order nodes best first, so for a
+chain p_k is the chance of k + 1 correct tokens and for a tree the chance that its k-th likeliest node lies on the accepted
 path. Kept per drafter and per match-length bucket when the drafter reports one (longer suffix
 matches are accepted more). Every extra node costs the same, so the best allocation for a given
 T takes the T - B likeliest nodes of the whole batch; the controller sorts them and picks T.
