@@ -7,13 +7,13 @@ E_b(K_b) tokens in expectation. Each step the controller sizes every request's d
     {K_b} = argmax  sum_b E_b(K_b) / (c(B, B + sum_b K_b) + o + v [any K_b > 0])     0 <= K_b <= K_max
 
 with o the step's other fixed work and v a drafted step's fixed extra (both fitted online), and a
-drafted step's cost raised by a margin: 1% (min_gain) against a prediction's error, more at a batch
-size where drafted steps have realized less than predicted. E_b(K) = 1 + sum_{k<K} p_k, where p_k
-is the online estimate of P(draft node k is accepted): drafters order nodes best first, so for a
-chain p_k is the chance of k + 1 correct tokens and for a tree the chance that its k-th likeliest node lies on the accepted
-path. Kept per drafter and per match-length bucket when the drafter reports one (longer suffix
-matches are accepted more). Every extra node costs the same, so the best allocation for a given
-T takes the T - B likeliest nodes of the whole batch; the controller sorts them and picks T.
+drafted step's cost raised by a margin: 1% (min_gain) against a prediction's error, more at a batch size
+where drafted steps have realized less than predicted. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the
+online estimate of P(draft node k is accepted): drafters order nodes best first, so for a chain p_k is
+the chance of k + 1 correct tokens and for a tree the chance that its k-th likeliest node lies on the
+accepted path. Kept per drafter and per match-length bucket when the drafter reports one (longer suffix
+matches are accepted more). Every extra node costs the same, so the best allocation for a given T takes
+the T - B likeliest nodes of the whole batch; the controller sorts them and picks T.
 At batch 1 verification costs little more than a decode step, so K grows; at large batch the
 forward becomes compute-bound, each node costs a request's share of a step, and only the nodes
 likelier than that share are drafted: the requests with long matches keep drafting, the rest stop.
@@ -287,8 +287,9 @@ class SpeculationController:
 
     The objective's denominator is o + c(B, B) + v [T > B] + s (c(B, T) - c(B, B)): the measured
     forward with its extra tokens' price scaled by s, plus the step's other fixed work o and a
-    drafted step's fixed extra v (all fitted online, `StepTimeFit`). The drafting time d (a running mean) decides whether to call the
-    drafter at all (`worth_drafting`); once it has proposed, its time is spent whatever the sizes.
+    drafted step's fixed extra v (all fitted online, `StepTimeFit`). The drafting time d (a running
+    mean) decides whether to call the drafter at all (`worth_drafting`); once it has proposed, its
+    time is spent whatever the sizes.
 
     The numerator is calibrated on the controller's own record: every expected gain E_b(K) - 1
     is scaled by kappa = (accepted + a) / (promised + a), the draft tokens verification accepted
@@ -315,7 +316,8 @@ class SpeculationController:
         self.calibration_prior = 8.0
         self.promised = self.delivered = 0.0  # fading sums of expected and accepted draft tokens
         self._promise = None  # this step's expected accepted draft tokens, from `choose`
-        # Per batch size: fading sums of the predicted and of the realized rate gains of drafted steps. What kappa and the step-time fit leave uncorrected (a draft chosen because its
+        # Per batch size: fading sums of the predicted and of the realized rate gains of drafted
+        # steps. What kappa and the step-time fit leave uncorrected (a draft chosen because its
         # estimate came out high; acceptance and cost erring together) shows up here and raises
         # that batch size's margin (`margin`).
         self.shortfall = {}
