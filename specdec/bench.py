@@ -237,7 +237,7 @@ def build_corpus(model, questions, max_new_tokens=256, batch_size=16, progress=T
 def check_corpus(path, questions):
     """Refuse a corpus built from any of the measured `questions`: the retrieval drafters would
     find the very answer they are timed on. A corpus that does not record its prompts (one made
-    elsewhere) cannot be checked: a warning says so."""
+    elsewhere) cannot be checked: a warning says so. Returns the corpus's prompt ids (None: unknown)."""
     import sys
 
     from drafters.corpus import Corpus
@@ -246,12 +246,13 @@ def check_corpus(path, questions):
     if sources is None:
         print(f"specdec: warning: {path} does not record the prompts it was built from; make sure none of the "
               f"measured questions is among them", file=sys.stderr)
-        return
+        return None
     seen = sorted({str(q["question_id"]) for q in questions} & set(sources), key=lambda x: (len(x), x))
     if seen:
         raise ValueError(f"the corpus {path} was built from {len(seen)} of the measured questions "
                          f"(ids {', '.join(seen[:8])}{', ...' if len(seen) > 8 else ''}): build it with "
                          f"`specdec corpus --exclude-sample N` for the sample measured, or measure other questions")
+    return sources
 
 
 def warmup_questions(questions, measured, n, corpus_sources=None):

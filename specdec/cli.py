@@ -94,19 +94,14 @@ def cmd_bench(args):
 
     questions = bench.load_questions(args.questions, per_category=args.per_category, limit=args.limit)
     drafters = [d for d in args.drafters.split(",") if d]
-    if args.corpus and set(drafters) & set(CORPUS_DRAFTERS):
-        bench.check_corpus(args.corpus, questions)
+    uses_corpus = bool(args.corpus and set(drafters) & set(CORPUS_DRAFTERS))
+    sources = bench.check_corpus(args.corpus, questions) if uses_corpus else None
     model = _load(args)
     if args.batch_sizes:
         sizes = [int(x) for x in args.batch_sizes.split(",")]
         if any(b < 1 for b in sizes):
             raise ValueError(f"batch sizes must be >= 1, got {sizes}")
         lengths = [int(x) for x in args.draft_lengths.split(",")]
-        sources = None
-        if args.corpus and set(drafters) & set(CORPUS_DRAFTERS):
-            from drafters.corpus import Corpus
-
-            sources = Corpus.sources_of(args.corpus)
         warm = bench.warmup_questions(bench.load_questions(args.questions), questions, args.warmup, sources)
         report = bench.sweep(model, questions, drafters, sizes, lengths, max_new_tokens=args.max_new_tokens,
                              drafter_options=_drafter_options(args, drafters), warmup=warm,

@@ -38,10 +38,10 @@ class CostModel:
     token count within a measured batch size, log-linearly between batch sizes.
 
     `first_extra` (optional, per batch size): c(B, B + 1), one request bringing one extra token.
-    A ragged batch takes the packed path, so that first token costs far more than the next ones
-    (on a 2-core CPU +14% of a step at batch 4, +6% at 16); at batch 64 the nearest grid width
-    brings 4 extra tokens, and a line from there down to B tokens would price the first at a
-    quarter of what it costs."""
+    A ragged batch takes the packed path, so that first token can cost far more than the next
+    ones (on a 2-core CPU +12% of a step at batch 4 and 16, +3% at 64). The grid's first width
+    past 1 brings no extra token at batch 1 and 4 and 4 extra tokens at batch 64: without this
+    point the first token's price would be a guess along a line."""
 
     def __init__(self, batches, widths, seconds, first_extra=None):
         self.batches, self.widths = list(batches), list(widths)
@@ -430,23 +430,23 @@ class SpeculationController:
         draft_seconds: the drafter's time this step (None: it was not called); step_seconds: the
         whole step's time, drafting included."""
         self.stats.record(drafted, accepted, match_len)
-        got = accepted.sum() if accepted.dim() == 2 else accepted.clamp(max=drafted).sum()
-        B = int(drafted.shape[0])
+        got = float(accepted.sum() if accepted.dim() == 2 else accepted.clamp(max=drafted).sum())
+        B, offered = int(drafted.shape[0]), int(drafted.sum())
         rec, m = self.shortfall.setdefault(B, [0.0, 0.0]), self.shortfall_memory
         rec[:] = [m * rec[0], m * rec[1]]  # fades every step: a bar raised so high that nothing drafts comes down
-        if self._predicted_gain is not None and step_seconds and int(drafted.sum()) > 0:
-            realized = (B + float(got)) / step_seconds * float(self.step_seconds(B, 0)[0]) / B
+        if self._predicted_gain is not None and step_seconds and offered > 0:
+            realized = (B + got) / step_seconds * float(self.step_seconds(B, 0)[0]) / B
             rec[0] += self._predicted_gain
             rec[1] += realized
         self._predicted_gain = None
         if self._promise is not None:  # a step whose sizes `choose` set: score its promise
             m = self.stats.memory
             self.promised = m * self.promised + self._promise
-            self.delivered = m * self.delivered + float(got)
+            self.delivered = m * self.delivered + got
             self._promise = None
         if draft_seconds is not None:  # running mean per step
             self.draft_seconds = 0.9 * self.draft_seconds + 0.1 * draft_seconds
         if step_seconds is not None:
             c = self._curve(B)
-            extra = min(int(drafted.sum()), c.shape[0] - 1)
+            extra = min(offered, c.shape[0] - 1)
             self.fit.add(float(c[extra] - c[0]), step_seconds - (draft_seconds or 0.0) - float(c[0]), extra > 0)
