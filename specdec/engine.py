@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from drafters.base import Drafter, DraftTree
-from kernels.sampling import uniforms
+from kernels.sampling import sample, uniforms
 from kernels.tree_attention import tree_from_parents
 from kernels.verify import VerifyResult, sample_tokens, verify
 from specdec.generate import SamplingParams, eos_tensor, prefill
@@ -73,15 +73,13 @@ def truncate(draft: DraftTree, sizes: torch.Tensor) -> DraftTree:
                      draft.match_len)
 
 
-def pack(roots: torch.Tensor, draft: DraftTree):
+def pack(roots: torch.Tensor, draft: DraftTree, width: int):
     """The verification tree: node 0 = root, node k + 1 = draft node k.
 
-    Returns tokens (B, N), parents (B, N), num_nodes (B,), with N = 1 + draft width.
+    width: the widest real draft (draft.count.max()); padding nodes past it would cost a forward's
+    worth of rows. Returns tokens (B, N), parents (B, N), num_nodes (B,), with N = 1 + width.
     """
     B = roots.shape[0]
-    # Verify no wider than the widest real draft: padding nodes cost a forward's worth of rows.
-    # (One host sync; a drafter with nothing to say makes this a plain AR step.)
-    width = int(draft.count.max()) if draft.count.numel() else 0
     tokens = torch.cat([roots.view(B, 1), draft.tokens[:, :width]], dim=1)
     dp = draft.parents[:, :width]
     parents = torch.cat([torch.full((B, 1), -1, dtype=torch.int64, device=roots.device), dp + 1], dim=1)
@@ -94,8 +92,6 @@ def pack(roots: torch.Tensor, draft: DraftTree):
 
 def verify_forward(net, cache, tokens, tree, depth, num_nodes):
     """One forward over every request's tree (depth (B, N) of each node): logits (B, N, V)."""
-    if tokens.shape[1] == 1:  # no drafts: a plain decode step (the model's fast causal path)
-        return net(tokens, cache)
     positions = cache.lens.long().view(-1, 1) + depth
     return net(tokens, cache, positions=positions, num_new=num_nodes.to(torch.int32), tree=tree)
 
@@ -103,10 +99,21 @@ def verify_forward(net, cache, tokens, tree, depth, num_nodes):
 def commit(cache, result: VerifyResult):
     """Keep the root and the accepted path in the KV cache."""
     B, N = result.accept_nodes.shape
-    # At most N - 1 drafts are accepted: a step without drafts commits the root alone (no copy)
+    # At most N - 1 drafts are accepted
     path = torch.cat([torch.zeros(B, 1, dtype=torch.int64, device=result.accept_len.device),
                       result.accept_nodes[:, : N - 1].clamp(min=0)], dim=1)
     cache.commit(path, 1 + result.accept_len)
+
+
+def write_history(s: "Batch", out: torch.Tensor, count: torch.Tensor, capacity: int):
+    """Append out[b, :count[b]] to request b's history."""
+    B = out.shape[0]
+    rows = torch.arange(B, device=out.device).view(B, 1)
+    j = torch.arange(out.shape[1], device=out.device).view(1, -1)
+    slots = (s.lens.view(B, 1) + j).clamp(max=capacity - 1)
+    write = j < count.view(B, 1)
+    s.history[rows.expand_as(slots)[write], slots[write]] = out[write]
+    s.lens += count
 
 
 def emitted_tokens(result: VerifyResult, remaining: torch.Tensor, eos: torch.Tensor):
@@ -175,52 +182,67 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             draft = drafter.propose(s.history, s.lens, budget) if budget > 0 else DraftTree.empty(Bn, device)
             if controller is not None and budget > 0:
                 draft = truncate(draft, controller.choose(Bn, draft.match_len, draft.count))
+            # the verification tree's width (one host sync; none when nothing was proposed)
+            width = int(draft.count.max()) if budget > 0 else 0
         t1 = time.perf_counter()
-        with nvtx_range("verify_forward"):
-            roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))[:, 0]
-            tokens, parents, num_nodes = pack(roots, draft)
-            tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
-            depth = tree.sum(-1) - 1  # (B, N)
-            logits = verify_forward(net, cache, tokens, tree, depth, num_nodes)
-        t_obs = time.perf_counter()
-        with nvtx_range("observe"):
-            drafter.observe(tokens, logits, num_nodes)
-        t_obs = time.perf_counter() - t_obs  # drafter work: counted as drafting time
-        with nvtx_range("accept"):
-            N = tokens.shape[1]
-            # greedy verification reads no random numbers
-            u = torch.zeros(Bn, N, device=device) if params.greedy else uniforms(s.seeds, s.offsets, N)
-            if N == 1:  # no drafts: the next token is sampled as in AR decoding (what verify would do)
-                none = torch.full((Bn, 1), -1, dtype=torch.int64, device=device)
-                result = VerifyResult(none, none, torch.zeros(Bn, dtype=torch.int64, device=device),
-                                      sample_tokens(logits[:, 0], s.temperature, s.top_k, s.top_p, u[:, 0]))
-            else:
+        if width == 0:  # nothing to verify: a plain decode step, as lean as AR's
+            with nvtx_range("verify_forward"):
+                roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))  # (B, 1)
+                logits = net(roots, cache)  # the model's causal decode path
+            t_obs = time.perf_counter()
+            with nvtx_range("observe"):
+                drafter.observe(roots, logits, torch.ones(Bn, dtype=torch.int64, device=device))
+            t_obs = time.perf_counter() - t_obs
+            with nvtx_range("accept"):
+                u = None if params.greedy else uniforms(s.seeds, s.offsets, 1)[:, 0]
+                token = sample(logits[:, 0], s.temperature, s.top_k, s.top_p, u)  # (B,) as AR samples
+            t2 = time.perf_counter()
+            with nvtx_range("commit"):
+                s.offsets += 1
+                count = torch.ones(Bn, dtype=torch.int64, device=device)
+                cache.advance(count)
+                out, hit_eos = token.view(Bn, 1), torch.isin(token, eos)
+                write_history(s, out, count, capacity)
+            on_path = torch.zeros(Bn, 0, dtype=torch.bool, device=device)
+            accept_len = None
+        else:
+            with nvtx_range("verify_forward"):
+                roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))[:, 0]
+                tokens, parents, num_nodes = pack(roots, draft, width)
+                tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
+                depth = tree.sum(-1) - 1  # (B, N)
+                logits = verify_forward(net, cache, tokens, tree, depth, num_nodes)
+            t_obs = time.perf_counter()
+            with nvtx_range("observe"):
+                drafter.observe(tokens, logits, num_nodes)
+            t_obs = time.perf_counter() - t_obs  # drafter work: counted as drafting time
+            with nvtx_range("accept"):
+                N = tokens.shape[1]
+                # greedy verification reads no random numbers
+                u = torch.zeros(Bn, N, device=device) if params.greedy else uniforms(s.seeds, s.offsets, N)
                 probs = None if draft.probs is None else draft.probs[:, :N]
-                result = verify(logits, tokens, parents, num_nodes, s.temperature, s.top_k, s.top_p, u,
-                                probs, draft.siblings)
-        t2 = time.perf_counter()
-        with nvtx_range("commit"):
-            s.offsets += N
-            commit(cache, result)
-            out, count, hit_eos = emitted_tokens(result, max_new_tokens - s.generated, eos)
-            rows = torch.arange(Bn, device=device).view(Bn, 1)
-            j = torch.arange(out.shape[1], device=device).view(1, -1)
-            slots = (s.lens.view(Bn, 1) + j).clamp(max=capacity - 1)
-            write = j < count.view(Bn, 1)
-            s.history[rows.expand_as(slots)[write], slots[write]] = out[write]
-            s.lens += count
+                result = verify(logits, tokens, parents, num_nodes, s.temperature, s.top_k, s.top_p, u, probs,
+                                draft.siblings)
+            t2 = time.perf_counter()
+            with nvtx_range("commit"):
+                s.offsets += N
+                commit(cache, result)
+                out, count, hit_eos = emitted_tokens(result, max_new_tokens - s.generated, eos)
+                write_history(s, out, count, capacity)
+            on_path = torch.zeros(Bn, N, dtype=torch.bool, device=device)  # tree node index, root = 0
+            on_path.scatter_(1, result.accept_nodes.clamp(min=0), result.accept_nodes >= 0)
+            on_path = on_path[:, 1:]
+            accept_len = result.accept_len
+        with nvtx_range("update"):
             s.generated += count
             done = hit_eos | (s.generated >= max_new_tokens)
             drafter.update(s.history, s.lens, count)
-            host_out, host_count, accepted = out.tolist(), count.tolist(), result.accept_len.tolist()
+            host_out, host_count = out.tolist(), count.tolist()
+            accepted = [0] * Bn if accept_len is None else accept_len.tolist()
         t3 = time.perf_counter()
         if controller is not None:
-            on_path = torch.zeros(Bn, N, dtype=torch.bool, device=device)  # tree node index, root = 0
-            on_path.scatter_(1, result.accept_nodes.clamp(min=0), result.accept_nodes >= 0)
-            offered = num_nodes - 1
-            drafted = budget > 0
-            controller.observe(offered, on_path[:, 1:], draft.match_len, t1 - t0 + t_obs if drafted else None,
-                               t3 - t0)
+            controller.observe(draft.count, on_path, draft.match_len,
+                               t1 - t0 + t_obs if budget > 0 else None, t3 - t0)
         stats.steps += 1
         stats.tokens += sum(host_count)
         stats.accept_hist.update(accepted)

@@ -67,6 +67,25 @@ class RandomTrees(Drafter):
         return DraftTree(tokens, parents, count)
 
 
+class EveryOtherStep(Drafter):
+    """Wraps a drafter and proposes nothing on odd steps (the engine's plain decode steps)."""
+
+    def __init__(self, inner):
+        self.inner, self.steps = inner, 0
+
+    def start(self, history, lens):
+        self.inner.start(history, lens)
+
+    def retain(self, index):
+        self.inner.retain(index)
+
+    def propose(self, history, lens, max_nodes):
+        self.steps += 1
+        if self.steps % 2 == 0:
+            return DraftTree.empty(history.shape[0], history.device)
+        return self.inner.propose(history, lens, max_nodes)
+
+
 def drafters_under_test(reference):
     return {
         "no-drafts": Drafter(),
@@ -74,12 +93,13 @@ def drafters_under_test(reference):
         "always-wrong": Oracle(PROMPTS, reference, right=False),
         "right-after-wrong-siblings": Oracle(PROMPTS, reference, right=True, branches=3),
         "random-trees": RandomTrees(),
+        "right-every-other-step": EveryOtherStep(Oracle(PROMPTS, reference)),
         "ngram": "ngram",
     }
 
 
 @pytest.mark.parametrize("name", ["no-drafts", "always-right", "always-wrong", "right-after-wrong-siblings",
-                                  "random-trees", "ngram"])
+                                  "random-trees", "right-every-other-step", "ngram"])
 @pytest.mark.parametrize("k", [1, 5])
 def test_greedy_is_lossless(model, reference, name, k):
     drafter = drafters_under_test(reference)[name]
@@ -89,6 +109,31 @@ def test_greedy_is_lossless(model, reference, name, k):
         assert out.stats["mean_accepted_tokens"] > k
     if name == "always-wrong":
         assert out.stats["accepted_length_histogram"] == {0: out.stats["accepted_length_histogram"][0]}
+
+
+def test_a_step_without_drafts_is_a_plain_decode_step(model, reference, monkeypatch):
+    """Where no request has a draft, the engine takes the model's causal decode path (no tree, no
+    positions) and samples without the verification kernel; drafted steps verify trees."""
+    forwards, verified = [], []
+    forward, verify = type(model.net).forward, engine.verify
+
+    def spy_forward(net, tokens, cache, **kwargs):
+        forwards.append((tokens.shape[1], kwargs.get("tree") is None and kwargs.get("positions") is None))
+        return forward(net, tokens, cache, **kwargs)
+
+    def spy_verify(logits, *args, **kwargs):
+        verified.append(logits.shape[1])
+        return verify(logits, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.net), "forward", spy_forward)
+    monkeypatch.setattr(engine, "verify", spy_verify)
+    drafter = EveryOtherStep(Oracle(PROMPTS[:1], reference[:1]))
+    out = specdec.generate(model, PROMPTS[:1], max_new_tokens=24, drafter=drafter, num_draft_tokens=3)
+    assert out.token_ids == reference[:1]
+    steps = forwards[1:]  # after the prefill
+    assert steps[0] == (4, False) and steps[1] == (1, True)  # drafted (root + 3), then plain
+    assert all(plain == (width == 1) for width, plain in steps)
+    assert len(verified) == sum(width > 1 for width, _ in steps) == (len(steps) + 1) // 2
 
 
 def test_batch_of_mixed_prompts_equals_each_alone(model):
@@ -204,10 +249,13 @@ def sampled_counts(model, prompt, trials, drafter, temperature):
     return torch.bincount(code, minlength=SMALL_V**3).double()
 
 
-def test_sampling_distribution_equals_the_target(small):
+@pytest.mark.parametrize("plain_steps", [False, True], ids=["drafts-every-step", "plain-every-other-step"])
+def test_sampling_distribution_equals_the_target(small, plain_steps):
     prompt, T, temp = [1, 5, 3], 20000, 1.3
     expected = exact_joint(small, prompt, temp).flatten() * T
-    p = g_test(sampled_counts(small, prompt, T, RandomTrees(5, vocab=SMALL_V), temp), expected)
+    drafter = RandomTrees(5, vocab=SMALL_V)
+    drafter = EveryOtherStep(drafter) if plain_steps else drafter
+    p = g_test(sampled_counts(small, prompt, T, drafter, temp), expected)
     print(f"G-test p = {p:.3g}")
     assert p > 1e-4, p
 
