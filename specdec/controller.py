@@ -312,7 +312,12 @@ class SpeculationController:
         self.stats = stats or AcceptanceStats(max_nodes=max(max_k, 1))
         self.draft_seconds = draft_seconds
         self.fit = StepTimeFit()
-        self.backoff = {}  # batch size -> [steps to skip before proposing again, steps skipped]
+        # Per batch size, fading sums over the steps that asked the drafter: the seconds its
+        # accepted tokens saved (each at a plain step's price per token) and the seconds the
+        # asking cost (drafting, plus a drafted step's time over a plain one). Where the savings
+        # fall short, the drafter is asked only every `explore_every` steps (`proposals_pay`).
+        self.ledger = {}  # batch size -> [saved seconds, spent seconds, steps skipped since asked]
+        self.ledger_memory, self.explore_every = 0.95, 8
         self.calibration_prior = 8.0
         self.promised = self.delivered = 0.0  # fading sums of expected and accepted draft tokens
         self._promise = None  # this step's expected accepted draft tokens, from `choose`
@@ -402,23 +407,26 @@ class SpeculationController:
         self._predicted_gain = rate * (1 + self.margin(batch_size)) / plain_rate if int(sizes.sum()) else None
         # uncalibrated E, as kappa measures it
         self._promise = float((np.take_along_axis(e, sizes.numpy().reshape(-1, 1), 1) - 1).sum())
-        wait = self.backoff.setdefault(batch_size, [0, 0])
-        # Proposals that no request could use: when drafting costs more than 2% of a step, propose
-        # again after 1, 3, 7, 15, then every 16 steps. (Cheaper drafting is not worth skipping:
-        # matches come and go from one step to the next.)
-        idle = int(sizes.sum()) == 0 and self.draft_seconds > 0.02 * float(self.step_seconds(batch_size, 0)[0])
-        wait[:] = [min(2 * wait[0] + 1, 16), 0] if idle else [0, 0]
         return sizes
 
+    def proposals_pay(self, batch_size: int) -> bool:
+        """Whether asking the drafter has paid at this batch size: the seconds its accepted tokens
+        saved against the seconds asking cost, over the recent steps that asked (fading sums). Asking
+        pays when B + a tokens in t + s seconds beat B in t, i.e. when a * t / B > s. Optimistic
+        until it has been tried."""
+        saved, spent, _ = self.ledger.get(batch_size, (0.0, 0.0, 0))
+        return saved >= spent
+
     def worth_drafting(self, batch_size: int) -> bool:
-        """Whether drafting could pay at this batch size even if every request had the best match
-        length seen so far (drafting time included); if not, the engine skips the drafter's
-        proposal (a plain AR step). When the last proposals at this batch size got no node and
-        drafting is not cheap, the next ones wait (`choose`): the drafter's time is then spent rarely."""
-        wait = self.backoff.setdefault(batch_size, [0, 0])
-        if wait[1] < wait[0]:  # the last proposals at this batch size were of no use: back off
-            wait[1] += 1
+        """Whether to ask the drafter this step: not where drafting could not pay even if every
+        request had the best match length seen so far (drafting time included), and where asking
+        has not paid lately (`proposals_pay`) only every `explore_every` steps, so that a text
+        turning repetitive is noticed. If not, the engine takes a plain AR step."""
+        entry = self.ledger.setdefault(batch_size, [0.0, 0.0, 0])
+        if not self.proposals_pay(batch_size) and entry[2] < self.explore_every - 1:
+            entry[2] += 1
             return False
+        entry[2] = 0
         best = self.stats.table(self.max_k).numpy().max(axis=0)  # the most optimistic bucket, for every request
         gain = np.minimum.accumulate((best[1:] - best[:-1]) * self.kappa)
         # every request alike: the ranking takes each node's gain batch_size times, in node order
@@ -446,6 +454,12 @@ class SpeculationController:
             self._promise = None
         if draft_seconds is not None:  # running mean per step
             self.draft_seconds = 0.9 * self.draft_seconds + 0.1 * draft_seconds
+            if step_seconds is not None:
+                plain = float(self.step_seconds(B, 0)[0])
+                spent = draft_seconds + (step_seconds - draft_seconds - plain if offered > 0 else 0.0)
+                entry, m = self.ledger.setdefault(B, [0.0, 0.0, 0]), self.ledger_memory
+                entry[0] = m * entry[0] + got * plain / B
+                entry[1] = m * entry[1] + spent
         if step_seconds is not None:
             c = self._curve(B)
             extra = min(offered, c.shape[0] - 1)

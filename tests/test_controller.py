@@ -352,23 +352,31 @@ def test_fitted_price_of_extra_tokens_changes_the_choice():
     assert 0 <= int(c.choose(16).sum()) < cheap
 
 
-@pytest.mark.parametrize("draft_share", [0.05, 0.01])
-def test_useless_proposals_back_off_when_drafting_is_not_cheap(draft_share):
+def test_asking_the_drafter_stops_where_it_does_not_pay_and_resumes_where_it_does():
+    """Proposals that come back empty cost drafting time and save nothing: after the first, the
+    drafter is asked every `explore_every` steps. One that brings accepted tokens worth more than
+    all that drafting (a token saves a request's share of a step) has it asked every step again."""
     c = with_rate(0.9)
-    c.cost = synthetic_cost(0.0)  # a step costs 1 s
-    c.draft_seconds = draft_share
-    assert c.worth_drafting(4)
-    asked = []
-    for _ in range(80):  # every proposal comes back empty (no request has a draft)
-        ok = c.worth_drafting(4)
-        asked.append(ok)
-        if ok:
-            c.choose(4, count=torch.zeros(4, dtype=torch.int64))
-    gaps = [j - i - 1 for i, j in zip([i for i, a in enumerate(asked) if a], [i for i, a in enumerate(asked) if a][1:])]
-    # drafting at 5% of a step: wait 1, 3, 7, 15, then 16 steps; at 1%: ask every step (matches come and go)
-    assert gaps[:5] == ([1, 3, 7, 15, 16] if draft_share > 0.02 else [0] * 5)
-    c.choose(4, count=torch.full((4,), 8))  # a useful proposal: ask every step again
-    assert c.worth_drafting(4) and c.worth_drafting(4)
+    c.cost = synthetic_cost(0.0)  # a plain step costs 1 s
+    B, d = 4, 0.05
+
+    def ask(steps, accepted):
+        asked = []
+        for _ in range(steps):
+            asked.append(c.worth_drafting(B))
+            if asked[-1]:
+                n = 2 if accepted else 0
+                c.choose(B, count=torch.full((B,), n))
+                drafted = torch.full((B,), n)
+                got = torch.full((B,), accepted)
+                c.observe(drafted, got, draft_seconds=d, step_seconds=1.0 + d + (0.1 if n else 0.0))
+        return [i for i, a in enumerate(asked) if a]
+
+    useless = ask(40, 0)
+    assert useless == list(range(0, 40, c.explore_every))
+    useful = ask(1 + c.explore_every, 1)  # the next asking step brings 4 tokens, worth 1 s
+    assert useful[0] == c.explore_every - 1 - (39 % c.explore_every)
+    assert useful[1:] == list(range(useful[0] + 1, 1 + c.explore_every))  # then every step
 
 
 def test_promises_that_verification_does_not_keep_raise_the_bar():
