@@ -287,9 +287,10 @@ class SpeculationController:
 
     The objective's denominator is o + c(B, B) + v [T > B] + s (c(B, T) - c(B, B)): the measured
     forward with its extra tokens' price scaled by s, plus the step's other fixed work o and a
-    drafted step's fixed extra v (all fitted online, `StepTimeFit`). The drafting time d (a running
-    mean) decides whether to call the drafter at all (`worth_drafting`); once it has proposed, its
-    time is spent whatever the sizes.
+    drafted step's fixed extra v (all fitted online, `StepTimeFit`). Whether to call the drafter at
+    all (`worth_drafting`) is decided by the drafting time d (a running mean) and by a ledger of
+    what calling it has saved and cost lately at this batch size; once it has proposed, its time is
+    spent whatever the sizes.
 
     The numerator is calibrated on the controller's own record: every expected gain E_b(K) - 1
     is scaled by kappa = (accepted + a) / (promised + a), the draft tokens verification accepted
