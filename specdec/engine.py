@@ -131,6 +131,75 @@ def emitted_tokens(result: VerifyResult, remaining: torch.Tensor, eos: torch.Ten
     return out, count, hit_eos
 
 
+@dataclass
+class StepOutcome:
+    """What one step's verification decided (history and cache already updated)."""
+
+    out: torch.Tensor  # (B, W) tokens the step adds per request, the first count[b] valid
+    count: torch.Tensor  # (B,) int64
+    hit_eos: torch.Tensor  # (B,) bool
+    on_path: torch.Tensor  # (B, width) bool: draft node k on the accepted path
+    accept_len: torch.Tensor | None  # (B,) accepted drafts; None when none were offered
+    observe_seconds: float  # the drafter's `observe` (counted as drafting time)
+    accepted_at: float  # perf_counter() once the next tokens were chosen
+
+
+def plain_step(net, cache, s: Batch, params: SamplingParams, eos, drafter: Drafter, capacity: int) -> StepOutcome:
+    """No request has a draft: the model's causal decode step and AR's sampler, no tree."""
+    B, device = s.ids.shape[0], s.ids.device
+    with nvtx_range("verify_forward"):
+        roots = s.history.gather(1, (s.lens - 1).view(B, 1))  # (B, 1)
+        logits = net(roots, cache)
+    t_obs = time.perf_counter()
+    with nvtx_range("observe"):
+        drafter.observe(roots, logits, torch.ones(B, dtype=torch.int64, device=device))
+    t_obs = time.perf_counter() - t_obs
+    with nvtx_range("accept"):
+        u = None if params.greedy else uniforms(s.seeds, s.offsets, 1)[:, 0]
+        token = sample(logits[:, 0], s.temperature, s.top_k, s.top_p, u)  # (B,)
+    accepted_at = time.perf_counter()
+    with nvtx_range("commit"):
+        s.offsets += 1
+        count = torch.ones(B, dtype=torch.int64, device=device)
+        cache.advance(count)
+        write_history(s, token.view(B, 1), count, capacity)
+    no_nodes = torch.zeros(B, 0, dtype=torch.bool, device=device)
+    return StepOutcome(token.view(B, 1), count, torch.isin(token, eos), no_nodes, None, t_obs, accepted_at)
+
+
+def tree_step(net, cache, s: Batch, params: SamplingParams, eos, drafter: Drafter, draft: DraftTree, width: int,
+              max_new_tokens: int, capacity: int) -> StepOutcome:
+    """Verify every request's draft tree (at most `width` nodes) in one forward and keep what the
+    target would have produced."""
+    B, device = s.ids.shape[0], s.ids.device
+    with nvtx_range("verify_forward"):
+        roots = s.history.gather(1, (s.lens - 1).view(B, 1))[:, 0]
+        tokens, parents, num_nodes = pack(roots, draft, width)
+        tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
+        depth = tree.sum(-1) - 1  # (B, N)
+        logits = verify_forward(net, cache, tokens, tree, depth, num_nodes)
+    t_obs = time.perf_counter()
+    with nvtx_range("observe"):
+        drafter.observe(tokens, logits, num_nodes)
+    t_obs = time.perf_counter() - t_obs
+    with nvtx_range("accept"):
+        N = tokens.shape[1]
+        # greedy verification reads no random numbers
+        u = torch.zeros(B, N, device=device) if params.greedy else uniforms(s.seeds, s.offsets, N)
+        probs = None if draft.probs is None else draft.probs[:, :N]
+        result = verify(logits, tokens, parents, num_nodes, s.temperature, s.top_k, s.top_p, u, probs,
+                        draft.siblings)
+    accepted_at = time.perf_counter()
+    with nvtx_range("commit"):
+        s.offsets += N
+        commit(cache, result)
+        out, count, hit_eos = emitted_tokens(result, max_new_tokens - s.generated, eos)
+        write_history(s, out, count, capacity)
+    on_path = torch.zeros(B, N, dtype=torch.bool, device=device)  # tree node index, root = 0
+    on_path.scatter_(1, result.accept_nodes.clamp(min=0), result.accept_nodes >= 0)
+    return StepOutcome(out, count, hit_eos, on_path[:, 1:], result.accept_len, t_obs, accepted_at)
+
+
 def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingParams, drafter: Drafter,
                 num_draft_tokens, controller=None):
     """Decode with speculation; yields (request ids, new tokens per request) after every step.
@@ -186,62 +255,19 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             width = int(draft.count.max()) if budget > 0 else 0
         t1 = time.perf_counter()
         if width == 0:  # nothing to verify: a plain decode step, as lean as AR's
-            with nvtx_range("verify_forward"):
-                roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))  # (B, 1)
-                logits = net(roots, cache)  # the model's causal decode path
-            t_obs = time.perf_counter()
-            with nvtx_range("observe"):
-                drafter.observe(roots, logits, torch.ones(Bn, dtype=torch.int64, device=device))
-            t_obs = time.perf_counter() - t_obs
-            with nvtx_range("accept"):
-                u = None if params.greedy else uniforms(s.seeds, s.offsets, 1)[:, 0]
-                token = sample(logits[:, 0], s.temperature, s.top_k, s.top_p, u)  # (B,) as AR samples
-            t2 = time.perf_counter()
-            with nvtx_range("commit"):
-                s.offsets += 1
-                count = torch.ones(Bn, dtype=torch.int64, device=device)
-                cache.advance(count)
-                out, hit_eos = token.view(Bn, 1), torch.isin(token, eos)
-                write_history(s, out, count, capacity)
-            on_path = torch.zeros(Bn, 0, dtype=torch.bool, device=device)
-            accept_len = None
+            step = plain_step(net, cache, s, params, eos, drafter, capacity)
         else:
-            with nvtx_range("verify_forward"):
-                roots = s.history.gather(1, (s.lens - 1).view(Bn, 1))[:, 0]
-                tokens, parents, num_nodes = pack(roots, draft, width)
-                tree = tree_from_parents(parents)  # (B, N, N) ancestor-or-self
-                depth = tree.sum(-1) - 1  # (B, N)
-                logits = verify_forward(net, cache, tokens, tree, depth, num_nodes)
-            t_obs = time.perf_counter()
-            with nvtx_range("observe"):
-                drafter.observe(tokens, logits, num_nodes)
-            t_obs = time.perf_counter() - t_obs  # drafter work: counted as drafting time
-            with nvtx_range("accept"):
-                N = tokens.shape[1]
-                # greedy verification reads no random numbers
-                u = torch.zeros(Bn, N, device=device) if params.greedy else uniforms(s.seeds, s.offsets, N)
-                probs = None if draft.probs is None else draft.probs[:, :N]
-                result = verify(logits, tokens, parents, num_nodes, s.temperature, s.top_k, s.top_p, u, probs,
-                                draft.siblings)
-            t2 = time.perf_counter()
-            with nvtx_range("commit"):
-                s.offsets += N
-                commit(cache, result)
-                out, count, hit_eos = emitted_tokens(result, max_new_tokens - s.generated, eos)
-                write_history(s, out, count, capacity)
-            on_path = torch.zeros(Bn, N, dtype=torch.bool, device=device)  # tree node index, root = 0
-            on_path.scatter_(1, result.accept_nodes.clamp(min=0), result.accept_nodes >= 0)
-            on_path = on_path[:, 1:]
-            accept_len = result.accept_len
+            step = tree_step(net, cache, s, params, eos, drafter, draft, width, max_new_tokens, capacity)
+        t_obs, t2, count = step.observe_seconds, step.accepted_at, step.count
         with nvtx_range("update"):
             s.generated += count
-            done = hit_eos | (s.generated >= max_new_tokens)
+            done = step.hit_eos | (s.generated >= max_new_tokens)
             drafter.update(s.history, s.lens, count)
-            host_out, host_count = out.tolist(), count.tolist()
-            accepted = [0] * Bn if accept_len is None else accept_len.tolist()
+            host_out, host_count = step.out.tolist(), count.tolist()
+            accepted = [0] * Bn if step.accept_len is None else step.accept_len.tolist()
         t3 = time.perf_counter()
         if controller is not None:
-            controller.observe(draft.count, on_path, draft.match_len,
+            controller.observe(draft.count, step.on_path, draft.match_len,
                                t1 - t0 + t_obs if budget > 0 else None, t3 - t0)
         stats.steps += 1
         stats.tokens += sum(host_count)
