@@ -441,10 +441,12 @@ class SpeculationController:
         self.stats.record(drafted, accepted, match_len)
         got = float(accepted.sum() if accepted.dim() == 2 else accepted.clamp(max=drafted).sum())
         B, offered = int(drafted.shape[0]), int(drafted.sum())
+        # a plain step's predicted time, for a step that drafted or asked the drafter
+        plain = float(self.step_seconds(B, 0)[0]) if step_seconds and (offered or draft_seconds is not None) else None
         rec, m = self.shortfall.setdefault(B, [0.0, 0.0]), self.shortfall_memory
         rec[:] = [m * rec[0], m * rec[1]]  # fades every step: a bar raised so high that nothing drafts comes down
         if self._predicted_gain is not None and step_seconds and offered > 0:
-            realized = (B + got) / step_seconds * float(self.step_seconds(B, 0)[0]) / B
+            realized = (B + got) / step_seconds * plain / B
             rec[0] += self._predicted_gain
             rec[1] += realized
         self._predicted_gain = None
@@ -455,8 +457,7 @@ class SpeculationController:
             self._promise = None
         if draft_seconds is not None:  # running mean per step
             self.draft_seconds = 0.9 * self.draft_seconds + 0.1 * draft_seconds
-            if step_seconds is not None:
-                plain = float(self.step_seconds(B, 0)[0])
+            if step_seconds:
                 spent = draft_seconds + (step_seconds - draft_seconds - plain if offered > 0 else 0.0)
                 entry, m = self.ledger.setdefault(B, [0.0, 0.0, 0]), self.ledger_memory
                 entry[0] = m * entry[0] + got * plain / B
