@@ -165,8 +165,8 @@ class AcceptanceStats:
     per step (a window of ~200 steps): a drafter that warms up (Token Recycling's matrix) or a
     text that turns repetitive is re-estimated, and a length given up on drifts back to its
     prior, so it is retried after some tens of steps. Each p_k is shrunk toward a prior worth
-    `strength` observations: 1/2 for node 0, and for node k the chain extrapolation
-    p_{k-1} * min(decay, p_{k-1} / p_{k-2}) of the nodes before it. So a bucket whose first nodes
+    `strength` observations: 1/2 for node 0, decay * p_0 for node 1, and for node k > 1 the chain
+    extrapolation p_{k-1} * min(decay, p_{k-1} / p_{k-2}) of the nodes before it. So a bucket whose first nodes
     are almost always accepted expects deep nodes to be too, and gets to try them (a fixed
     decaying prior would never offer, hence never learn, a long draft); `decay` < 1 keeps the
     nodes nobody has tried from adding up to much (ten of them at a flat 0.2 would promise two
@@ -188,7 +188,12 @@ class AcceptanceStats:
             p = np.empty_like(tries)
             prev, prev2 = np.ones(self.buckets), None
             for k in range(tries.shape[1]):
-                prior = prev * 0.5 if prev2 is None else prev * np.minimum(prev / np.maximum(prev2, 1e-12), self.decay)
+                if k == 0:
+                    prior = np.full(self.buckets, 0.5)
+                elif k == 1:  # no ratio yet: the root is always accepted, so p_0 / 1 would square p_0
+                    prior = prev * self.decay
+                else:
+                    prior = prev * np.minimum(prev / np.maximum(prev2, 1e-12), self.decay)
                 p[:, k] = (accepts[:, k] + s * prior) / (tries[:, k] + s)
                 prev, prev2 = p[:, k], prev
             self._p = torch.from_numpy(p)
