@@ -186,7 +186,7 @@ class AcceptanceStats:
         if self._p is None:  # numpy: a step's controller work is a few hundred tiny array operations
             tries, accepts, s = self.tries.numpy(), self.accepts.numpy(), self.strength
             p = np.empty_like(tries)
-            prev, prev2 = np.ones(self.buckets), None
+            prev = prev2 = None  # p_{k-1} and p_{k-2}
             for k in range(tries.shape[1]):
                 if k == 0:
                     prior = np.full(self.buckets, 0.5)
