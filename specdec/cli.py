@@ -101,7 +101,7 @@ def cmd_bench(args):
         sizes = [int(x) for x in args.batch_sizes.split(",")]
         if any(b < 1 for b in sizes):
             raise ValueError(f"batch sizes must be >= 1, got {sizes}")
-        lengths = [int(x) for x in args.draft_lengths.split(",")]
+        lengths = [int(x) for x in args.draft_lengths.split(",") if x]
         warm = bench.warmup_questions(bench.load_questions(args.questions), questions, args.warmup, sources)
         report = bench.sweep(model, questions, drafters, sizes, lengths, max_new_tokens=args.max_new_tokens,
                              drafter_options=_drafter_options(args, drafters), warmup=warm,
@@ -145,7 +145,7 @@ def main(argv=None):
     b.add_argument("--out", default=None, help="write the JSON report here")
     b.add_argument("--batch-sizes", default=None, metavar="1,4,16,64",
                    help="sweep batch sizes instead: throughput per drafter at fixed draft lengths and 'auto'")
-    b.add_argument("--draft-lengths", default="2,4,8", help="fixed draft lengths for --batch-sizes")
+    b.add_argument("--draft-lengths", default="2,4,8", help="fixed draft lengths for --batch-sizes ('' for 'auto' alone)")
     b.add_argument("--requests", type=int, default=8, metavar="N",
                    help="--batch-sizes: at batch B, decode max(N, B) different questions (B at a time)")
     b.add_argument("--repeats", type=int, default=1, metavar="R",

@@ -1,6 +1,8 @@
 """`specdec bench` and `specdec corpus` on the real model with tiny budgets, and the report's arithmetic."""
 
 import json
+import math
+import random
 
 import pytest
 import torch
@@ -118,6 +120,10 @@ def test_batch_size_sweep_writes_table_json_and_plot(tmp_path, capsys):
     # the overall ratio is a ratio of sums over both rounds: it lies within the rounds' own ratios
     assert all(r["rounds"] == 2 and r["speedup_range"][0] - 1e-9 <= r["speedup"] <= r["speedup_range"][1] + 1e-9
                for r in rows)
+    # paired per batch: 2 rounds x 2 batches of 1 at batch 1 (--limit 2), 2 x 1 at batch 2
+    assert all(r["pairs"] == 4 // r["batch"] and r["paired_ci95"][0] <= r["paired_speedup"] <= r["paired_ci95"][1]
+               for r in rows)
+    assert all(r["paired_speedup"] == 1.0 for r in rows if r["drafter"] == "none")
     assert out.with_suffix(".png").stat().st_size > 1000
     assert json.loads(out.read_text())["settings"]["warmup_questions"] == 1
 
@@ -160,3 +166,22 @@ def test_sweep_refuses_to_warm_up_on_measured_questions():
 def test_round_robin_takes_every_category_in_turn():
     qs = [dict(question_id=i, category=c, turns=["x"]) for i, c in enumerate("aaabbc")]
     assert [q["question_id"] for q in bench.round_robin(qs)] == [0, 3, 5, 1, 4, 2]
+
+
+def test_t_quantile_matches_known_values():
+    known = {1: 12.706, 4: 2.776, 9: 2.262, 10: 2.228, 20: 2.086, 60: 2.000, 1000: 1.962}
+    assert all(abs(bench.t_quantile_975(df) - t) < 3e-3 for df, t in known.items())
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        bench.t_quantile_975(0)
+
+
+def test_paired_ratio_interval_tells_a_real_slowdown_from_noise():
+    rng = random.Random(0)
+    noise = [rng.gauss(0.0, 0.03) for _ in range(12)]  # 3% per-batch noise
+    same = bench.paired_ratio(noise)  # a configuration as fast as AR
+    slower = bench.paired_ratio([x + math.log(0.9) for x in noise])  # 10% slower on every batch
+    assert same["pairs"] == 12 and same["paired_ci95"][0] < 1.0 < same["paired_ci95"][1]
+    assert slower["paired_ci95"][1] < 1.0  # the interval excludes AR: the slowdown is detected
+    assert slower["paired_speedup"] == pytest.approx(0.9 * same["paired_speedup"])
+    one = bench.paired_ratio([math.log(1.2)])
+    assert one["paired_ci95"] is None and one["paired_speedup"] == pytest.approx(1.2)
