@@ -440,8 +440,10 @@ def format_sweep(report) -> str:
              f"{'paired (95% CI)':>21} {'MAT':>6} {'draft%':>7}"]
     for r in report["sweep"]:
         lo, hi = r.get("speedup_range", (r["speedup"], r["speedup"]))
-        ci = r.get("paired_ci95")
-        paired = f"{r['paired_speedup']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "") if "paired_speedup" in r else ""
+        paired = ""
+        if "paired_speedup" in r:  # reports written before paired ratios existed have none
+            ci = r["paired_ci95"]
+            paired = f"{r['paired_speedup']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
         lines.append(f"{r['batch']:>5} {r['drafter']:>10} {str(r['num_draft_tokens']):>5} {r['tokens_per_s']:>9.1f} "
                      f"{r['seconds_per_token']:>9.3f} {r['speedup']:>7.2f}x {lo:>5.2f}-{hi:<5.2f} {paired:>21} "
                      f"{r['mean_accepted_tokens']:>6.2f} {100 * r['draft_fraction']:>6.1f}%")
