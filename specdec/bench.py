@@ -379,15 +379,16 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
                     r = decode(batch, d, k, drafter)
                     st = r.stats
                     a, decode_s = acc[(d, k)], st["seconds"] - st["prefill_seconds"]
-                    rate[(d, k)] = (st["tokens"] - len(batch)) / decode_s
-                    a["tokens"] += st["tokens"] - len(batch)
+                    decoded_tokens = st["tokens"] - len(batch)  # after each request's first token
+                    rate[(d, k)] = decoded_tokens / decode_s
+                    a["tokens"] += decoded_tokens
                     a["seconds"] += decode_s
                     a["per_token"] += decode_s / max(1, max(len(t) for t in r.token_ids) - 1) * len(batch)
                     a["request_steps"] += sum(st.get("accepted_length_histogram", {}).values())
                     split = st.get("time_split", {})
                     a["draft"] += split.get("draft", 0.0)
                     a["total"] += sum(split.values())
-                    this_round[(d, k)][0] += st["tokens"] - len(batch)
+                    this_round[(d, k)][0] += decoded_tokens
                     this_round[(d, k)][1] += decode_s
                 for c in configs:
                     log_ratios[c].append(math.log(rate[c] / rate[("none", 0)]))
