@@ -349,9 +349,10 @@ def _dense_mask(prefix_lens, num_new, tree, n, kv_len):
 
 
 # On the CPU path a product of its own (an SDPA call with its slicing) costs about as much as this
-# many padded (query row, key) pairs of the batch's product: measured on a 2-core EPYC at batch 16
-# (9 heads / 3 KV heads, head dim 64), 256 and ~1300 cached tokens.
-SPLIT_COST = 16_000
+# many (query row, key) pairs of the batch's product beyond its own rows: fitted to a split-or-not
+# A/B on a 2-core EPYC (SmolLM2-135M: 9 heads / 3 KV heads, head dim 64) at batch 4, 16 and 64
+# over 250 to 1300 cached tokens, where every break-even lay between 2,100 and 3,900 pairs.
+SPLIT_COST = 3_500
 
 
 def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
@@ -364,9 +365,11 @@ def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
     ("each", [(b, new tokens, end slot)])): one long prompt in a batch of short ones would
     otherwise make every request pay for its length, squared. Draft trees of different sizes run
     as every request's first token in one product, then the other tokens of each request that has
-    some on a view of its own cache (`extra`: the list of those requests), when those products cost
-    less than the padding rows they save, B (n - 1) kv_len pairs (SPLIT_COST each): at large
-    batch and long contexts, a few requests' deep trees; otherwise one padded product."""
+    some on a view of its own cache (`extra`: the list of those requests), when that costs less:
+    each product of its own SPLIT_COST pairs plus its rows, (num_new - 1) kv_len pairs, against
+    the B (n - 1) kv_len pairs of a padded product's rows past the first. So at large batch and
+    long contexts a few requests' trees go apart (even one extra token: at batch 16 over 700
+    cached tokens it costs +8 ms apart and +22 ms padded); many trees share one padded product."""
     key = ("plan", n, capacity)
     if key not in batch._dense:
         kv_len = min(int((batch.prefix_lens + n).max()), capacity)
@@ -380,7 +383,8 @@ def _reference_plan(batch: AttentionBatch, n: int, capacity: int):
                 extra = ("each", list(zip(range(B), batch.num_new.tolist(), ends.tolist())))
             else:
                 trees = (batch.num_new > 1).nonzero()[:, 0].tolist()
-                if len(trees) * SPLIT_COST < B * (n - 1) * kv_len:
+                own_rows = int(batch.num_new.sum()) - B  # the trees' tokens past their first
+                if len(trees) * SPLIT_COST + own_rows * kv_len < B * (n - 1) * kv_len:
                     extra = trees
         batch._dense[key] = (kv_len, batch.dense_mask(n, kv_len), padded, extra)
     return batch._dense[key]

@@ -211,7 +211,12 @@ def test_reference_splits_where_padding_rows_cost_more_than_products_of_their_ow
         tree = tree_from_parents(torch.where(torch.arange(5) < num_new.view(-1, 1), torch.arange(5) - 1, -1))
         return _reference_plan(AttentionBatch(i32([cached] * 16).cpu(), num_new, tree), 5, 2048)[3]
 
-    assert plan(4, 1300) == [0, 1, 2, 3] and plan(12, 1300) is None and plan(1, 64) is None
+    assert plan(4, 1300) == [0, 1, 2, 3] and plan(12, 1300) is None and plan(4, 64) is None
+
+    # One extra token over 700 cached tokens: its own product is cheaper than 15 padding rows.
+    num_new = i32([2] + [1] * 15).cpu()
+    tree = tree_from_parents(torch.where(torch.arange(2) < num_new.view(-1, 1), torch.arange(2) - 1, -1))
+    assert _reference_plan(AttentionBatch(i32([700] * 16).cpu(), num_new, tree), 2, 2048)[3] == [0]
 
 
 @pytest.mark.parametrize("N", [7, 16], ids=lambda n: f"N{n}")
