@@ -352,15 +352,18 @@ def test_fitted_price_of_extra_tokens_changes_the_choice():
     assert 0 <= int(c.choose(16).sum()) < cheap
 
 
-def test_asking_the_drafter_stops_where_it_does_not_pay_and_resumes_where_it_does():
+def test_asking_the_drafter_backs_off_where_it_does_not_pay_and_resumes_where_it_does():
     """Proposals that come back empty cost drafting time and save nothing: after the first, the
-    drafter is asked every `explore_every` steps. One that brings accepted tokens worth more than
-    all that drafting (a token saves a request's share of a step) has it asked every step again."""
+    drafter is asked after `explore_every` steps, then after twice as many each time, up to
+    `explore_max`. One that brings accepted tokens worth more than all that drafting (a token
+    saves a request's share of a step) has it asked every step again. A batch size not seen yet
+    starts from the nearest one's record; with no record at all the controller is optimistic."""
     c = with_rate(0.9)
     c.cost = synthetic_cost(0.0)  # a plain step costs 1 s
-    B, d = 4, 0.05
+    c.explore_max = 32
+    d = 0.05
 
-    def ask(steps, accepted):
+    def ask(steps, accepted, B=4):
         asked = []
         for _ in range(steps):
             asked.append(c.worth_drafting(B))
@@ -372,10 +375,14 @@ def test_asking_the_drafter_stops_where_it_does_not_pay_and_resumes_where_it_doe
                 c.observe(drafted, got, draft_seconds=d, step_seconds=1.0 + d + (0.1 if n else 0.0))
         return [i for i, a in enumerate(asked) if a]
 
-    useless = ask(40, 0)
-    assert useless == list(range(0, 40, c.explore_every))
-    # steps 33-39 were skipped, so the next step asks; it brings 4 tokens (worth 1 s): then every step asks
+    assert c.explore_every == 8
+    useless = ask(120, 0)
+    assert useless == [0, 8, 24, 56, 88]  # gaps 8, 16, 32 (the cap), 32
+    assert ask(1, 0, B=3) == [] and ask(1, 0, B=64) == []  # the record at batch 4 carries over
+    # steps 89-119 were skipped, so the next step asks; it brings 4 tokens (worth 1 s): then every step asks
     assert ask(1 + c.explore_every, 1) == list(range(1 + c.explore_every))
+    fresh = with_rate(0.9)
+    assert fresh.worth_drafting(16)  # nothing learned yet: ask
 
 
 def test_promises_that_verification_does_not_keep_raise_the_bar():
