@@ -1,7 +1,8 @@
 """`specdec bench`: Spec-Bench-style end-to-end comparison of drafters against AR decoding.
 
 Every method decodes the same questions with the same settings in one process, interleaved
-per question (so drift in machine speed hits all methods alike). Following Spec-Bench:
+per question in an order that turns from question to question (so drift in machine speed, and
+whatever running first or last does, hits all methods alike). Following Spec-Bench:
     speedup  = mean over questions of the method's tokens/s  /  the same mean for "none"
     MAT      = tokens added per verification step, averaged over all steps (model's own token included)
 and beside them the decode-only speedup: the same ratio on tokens/s after each turn's prefill
@@ -10,6 +11,7 @@ A multi-turn question continues the conversation with the method's own earlier a
 """
 
 import datetime
+import itertools
 import json
 import math
 import platform
@@ -107,9 +109,12 @@ def run(model, questions, drafters, max_new_tokens=128, num_draft_tokens=8, temp
     tok = model.tokenizer
     eos_ids = set(model.config.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
     rows = []
-    for q in tqdm(questions, desc="bench", disable=not progress):
-        history = {m: [] for m in [*methods, *hf]}
-        for m in [*methods, *hf]:  # interleaved: every method runs this question before the next one
+    order = [*methods, *hf]
+    for i, q in enumerate(tqdm(questions, desc="bench", disable=not progress)):
+        history = {m: [] for m in order}
+        # interleaved: every method runs this question before the next one, the order turning from
+        # question to question so that whatever a position does to a run's speed falls on each alike
+        for m in [*order[i % len(order):], *order[: i % len(order)]]:
             row = dict(question_id=q["question_id"], category=q["category"], method=m, tokens=0, seconds=0.0,
                        steps=0, draft_seconds=0.0, step_seconds=0.0, prefill_seconds=None, outputs=[])
             for turn in q["turns"]:
@@ -296,7 +301,8 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
     At batch size B the first max(`requests`, B) turn-1 prompts (categories taken in turn) are
     decoded B at a time, so a batch holds B different requests as a server's would (prompts repeat
     only when there are fewer than B), with "none" and each drafter at each fixed draft length and
-    "auto", interleaved batch by batch (drift in machine speed hits every configuration alike).
+    "auto", interleaved batch by batch (drift in machine speed hits every configuration alike), the
+    order turning from batch to batch (so does whatever coming first or last does to a decode).
     Timing is decode only (after the prefill, which no drafter changes and which on CPU would
     otherwise dominate large batches of long prompts). Reports tokens/s of the batch, per-request
     seconds per output token, MAT, the drafting share of step time and the speedup over "none"
@@ -312,7 +318,7 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
     rounds, and `speedup_range` gives the lowest and highest speedup over AR of a single round,
     the spread that machine noise alone puts on a ratio (what a difference of a few percent must
     clear). Beside it, `paired_speedup`: the geometric mean over every measured batch of every
-    round of the configuration's tokens/s over AR's on that same batch (decoded back to back), with
+    round of the configuration's tokens/s over AR's on that same batch (decoded in the same turn), with
     `paired_ci95`, a 95% Student-t interval on it (null with one batch); a ratio whose interval
     holds 1 is not told apart from AR. `on_batch(report)` is called with the report so far after
     each batch size (a long sweep can be written as it goes).
@@ -368,6 +374,7 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
         acc = {c: defaultdict(float) for c in configs}
         per_round = {c: [] for c in configs}  # tokens/s of each round
         log_ratios = {c: [] for c in configs}  # per batch: log(tokens/s over AR's on the same batch)
+        position = itertools.cycle(range(len(configs)))  # which configuration decodes a batch first
         for _ in range(repeats):
             # every round starts from the warmed-up state: a drafter that learns from finished requests
             # (SuffixDecoding's global tree) must not have seen the answers it is measured on
@@ -375,7 +382,10 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
             drafters_now = {c: clone_drafter(drafter) for c, drafter in instances.items()}
             for batch in batches:
                 rate = {}
-                for (d, k), drafter in drafters_now.items():
+                # the order turns from batch to batch: whatever a position in it does to a decode's
+                # speed falls on every configuration alike
+                turn = next(position)
+                for (d, k), drafter in [*list(drafters_now.items())[turn:], *list(drafters_now.items())[:turn]]:
                     r = decode(batch, d, k, drafter)
                     st = r.stats
                     a, decode_s = acc[(d, k)], st["seconds"] - st["prefill_seconds"]
