@@ -361,7 +361,7 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
     settings = dict(model=model.name, device=device_name(model.device), dtype=str(model.dtype).replace("torch.", ""),
                     max_new_tokens=max_new_tokens, questions=len(questions), requests=requests, repeats=repeats,
                     warmup_questions=len(warmup),
-                    timing="decode only (after prefill), configurations interleaved per batch",
+                    timing="decode only (after prefill), configurations interleaved per batch, their order turning",
                     date=datetime.date.today().isoformat())
     results = []
     for B in tqdm(batch_sizes, desc="batch sizes", disable=not progress):
