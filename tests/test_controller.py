@@ -294,13 +294,15 @@ def test_a_cloned_drafter_learns_apart_from_its_original(tmp_path, monkeypatch):
     original = SuffixTreeDrafter()
     specdec.generate(m, prompts, max_new_tokens=12, drafter=original)
     controller = make_controller(m, "auto", original)
-    tries, learned = controller.stats.tries.clone(), original.global_tree.num_nodes
+    tries, fit, learned = controller.stats.tries.clone(), controller.fit.ff.copy(), original.global_tree.num_nodes
     twin = clone_drafter(original)
     assert torch.equal(make_controller(m, "auto", twin).stats.tries, tries)  # it starts from what was learned
     twin_out = specdec.generate(m, [[3, 4, 3, 4, 3, 4]], max_new_tokens=12, drafter=twin)
     assert make_controller(m, "auto", twin) is not controller
     assert torch.equal(controller.stats.tries, tries) and original.global_tree.num_nodes == learned
-    assert not torch.equal(make_controller(m, "auto", twin).stats.tries, tries)  # the twin did learn
+    assert (controller.fit.ff == fit).all()
+    # the twin did learn: its step-time fit moved with every step (whether or not it chose to draft)
+    assert not (make_controller(m, "auto", twin).fit.ff == fit).all()
     assert twin_out.token_ids == specdec.generate(m, [[3, 4, 3, 4, 3, 4]], max_new_tokens=12).token_ids
     assert clone_drafter("none") == "none"
 
