@@ -33,6 +33,20 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64)
 WIDTHS = (1, 1.0625, 1.25, 1.5, 2, 3, 5, 9, 17, 33)  # new tokens per request, on average
 
 
+def non_decreasing(values) -> list:
+    """The least-squares non-decreasing fit to `values` (pool adjacent violators): a point that
+    came out dearer than the next ones is averaged with them, not carried up to all that follow
+    (as a running maximum would)."""
+    blocks = []  # [sum, count] of pooled runs, their means ascending
+    for v in values:
+        blocks.append([float(v), 1])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(count)]
+
+
 class CostModel:
     """Verification cost c(B, N) in seconds, interpolated from a measured grid: linearly in the
     token count within a measured batch size, log-linearly between batch sizes.
@@ -88,8 +102,14 @@ class CostModel:
         """Time one verification forward of B requests bringing T = round(B x width) new tokens,
         spread as evenly as they go (chains of 1 + j // B or 2 + j // B nodes), at `context` cached
         tokens, as the engine runs it: a ragged batch takes the packed path, whose first extra token
-        costs more than the next ones, so c(B, B + 1) is measured too (`first_extra`). The median
-        of `reps` runs, made non-decreasing in width (a wider tree never costs less; a dip is noise).
+        costs more than the next ones, so c(B, B + 1) is measured too (`first_extra`).
+
+        A batch size's points are timed in `reps` rounds (after one that warms up), each round
+        visiting every point in turn, and each point's median taken: a spell of machine noise then
+        lands on one run of many points, not on every run of a few (on a shared 2-core CPU, timing
+        each point's runs back to back gave rows with a plain step dearer than one with an extra
+        token). The medians are then fitted non-decreasing in T (`non_decreasing`: a wider tree
+        never costs less).
 
         On CPU the grid stops where T exceeds `max_tokens` (default 1024 on CPU); the rest is
         extrapolated linearly in the token count, which is what a compute-bound forward does.
@@ -105,31 +125,33 @@ class CostModel:
             x = torch.full((B, N), 7, device=device)
             tree = tree_from_parents(torch.arange(-1, N - 1, device=device).expand(B, N))
             positions = cache.lens.long().view(B, 1) + torch.arange(N, device=device)
-            times = []
-            for _ in range(reps + 1):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                net(x, cache, positions=positions, num_new=num_new, tree=tree)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            return sorted(times[1:])[len(times[1:]) // 2]  # median, the first run warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            net(x, cache, positions=positions, num_new=num_new, tree=tree)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
 
         seconds, first_extra = [], []
         with torch.inference_mode():
             for B in batches:
                 cache = net.new_cache(B, context + math.ceil(max(widths)) + 1)
                 cache.lens.fill_(context)
-                row = []
-                for w in widths:
-                    T = max(B, round(B * w))
-                    if T > max_tokens and row:
-                        row.append(row[-1] * T / max(B, round(B * widths[len(row) - 1])))
-                    else:
-                        row.append(forward_seconds(cache, B, T))
-                seconds.append([max(row[: j + 1]) for j in range(len(row))])
-                first_extra.append(max(row[0], forward_seconds(cache, B, B + 1)))
+                counts = [max(B, round(B * w)) for w in widths]
+                measured = sorted({T for T in counts if T <= max_tokens or T == counts[0]} | {B + 1})
+                runs = {T: [] for T in measured}
+                for r in range(reps + 1):
+                    for T in measured:
+                        t = forward_seconds(cache, B, T)
+                        if r:  # the first round warms up
+                            runs[T].append(t)
+                fitted = dict(zip(measured, non_decreasing([float(np.median(runs[T])) for T in measured])))
+                row, last = [], max(T for T in counts if T in fitted)
+                for T in counts:
+                    row.append(fitted[T] if T in fitted else fitted[last] * T / last)
+                seconds.append(row)
+                first_extra.append(fitted[B + 1])
         return cls(batches, widths, seconds, first_extra)
 
     @classmethod
@@ -138,9 +160,9 @@ class CostModel:
         from specdec.loading import cache_dir
 
         dev = torch.cuda.get_device_name(net.device) if net.device.type == "cuda" else f"cpu{torch.get_num_threads()}"
-        # v5: the CPU path's split rule repriced (kernels.tree_attention.SPLIT_COST); a curve
-        # measured by an older version is not reused
-        key = f"v5-{dev}-{name}-{str(net.dtype).replace('torch.', '')}".replace(" ", "_").replace("/", "_")
+        # v7: timed in interleaved rounds, fitted non-decreasing; a curve measured by an older
+        # version is not reused
+        key = f"v7-{dev}-{name}-{str(net.dtype).replace('torch.', '')}".replace(" ", "_").replace("/", "_")
         path = Path(path_dir or cache_dir() / "costs") / f"{key}.json"
         if path.exists():
             return cls.from_json(json.loads(path.read_text()))

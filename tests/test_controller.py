@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import specdec
-from specdec.controller import AcceptanceStats, CostModel, SpeculationController
+from specdec.controller import AcceptanceStats, CostModel, SpeculationController, non_decreasing
 from specdec.profiling import nvtx_range
 from tiny_models import tiny_model
 
@@ -172,6 +172,14 @@ def test_the_first_extra_token_is_priced_as_measured():
         assert int(c.choose(64).sum()) == drafts
 
 
+def test_a_noisy_point_is_pooled_with_its_neighbours_not_carried_to_every_wider_one():
+    assert non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert non_decreasing([1.0, 3.0, 2.0, 4.0]) == pytest.approx([1.0, 2.5, 2.5, 4.0])
+    spike = non_decreasing([1.0, 1.6, 1.1, 1.2, 1.3, 2.0])  # a running maximum would give 1.6 to four points
+    assert spike == pytest.approx([1.0, 1.3, 1.3, 1.3, 1.3, 2.0])
+    assert all(a <= b for a, b in zip(spike, spike[1:])) and non_decreasing([]) == []
+
+
 def test_measured_cost_is_cached(tmp_path):
     m = tiny_model(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48)
     a = CostModel.cached(m.net, "tiny", path_dir=tmp_path)
@@ -179,6 +187,7 @@ def test_measured_cost_is_cached(tmp_path):
     assert CostModel.cached(m.net, "tiny", path_dir=tmp_path).seconds == a.seconds
     assert all(x > 0 for row in a.seconds for x in row)
     assert len(a.first_extra) == len(a.batches) and all(f >= row[0] for f, row in zip(a.first_extra, a.seconds))
+    assert all(a <= b for row in a.seconds for a, b in zip(row, row[1:]))
     assert CostModel.cached(m.net, "tiny", path_dir=tmp_path).first_extra == a.first_extra
 
 
