@@ -384,8 +384,8 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
                 rate = {}
                 # the order turns from batch to batch: whatever a position in it does to a decode's
                 # speed falls on every configuration alike
-                turn = next(position)
-                for (d, k), drafter in [*list(drafters_now.items())[turn:], *list(drafters_now.items())[:turn]]:
+                turn, order = next(position), list(drafters_now.items())
+                for (d, k), drafter in order[turn:] + order[:turn]:
                     r = decode(batch, d, k, drafter)
                     st = r.stats
                     a, decode_s = acc[(d, k)], st["seconds"] - st["prefill_seconds"]
