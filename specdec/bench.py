@@ -114,7 +114,7 @@ def run(model, questions, drafters, max_new_tokens=128, num_draft_tokens=8, temp
         history = {m: [] for m in order}
         # interleaved: every method runs this question before the next one, the order turning from
         # question to question so that whatever a position does to a run's speed falls on each alike
-        for m in [*order[i % len(order):], *order[: i % len(order)]]:
+        for m in turned(order, i):
             row = dict(question_id=q["question_id"], category=q["category"], method=m, tokens=0, seconds=0.0,
                        steps=0, draft_seconds=0.0, step_seconds=0.0, prefill_seconds=None, outputs=[])
             for turn in q["turns"]:
@@ -374,7 +374,7 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
         acc = {c: defaultdict(float) for c in configs}
         per_round = {c: [] for c in configs}  # tokens/s of each round
         log_ratios = {c: [] for c in configs}  # per batch: log(tokens/s over AR's on the same batch)
-        position = itertools.cycle(range(len(configs)))  # which configuration decodes a batch first
+        batches_done = itertools.count()  # which configuration decodes the next batch first
         for _ in range(repeats):
             # every round starts from the warmed-up state: a drafter that learns from finished requests
             # (SuffixDecoding's global tree) must not have seen the answers it is measured on
@@ -384,8 +384,7 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
                 rate = {}
                 # the order turns from batch to batch: whatever a position in it does to a decode's
                 # speed falls on every configuration alike
-                turn, order = next(position), list(drafters_now.items())
-                for (d, k), drafter in order[turn:] + order[:turn]:
+                for (d, k), drafter in turned(list(drafters_now.items()), next(batches_done)):
                     r = decode(batch, d, k, drafter)
                     st = r.stats
                     a, decode_s = acc[(d, k)], st["seconds"] - st["prefill_seconds"]
@@ -422,6 +421,13 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
         if on_batch is not None:
             on_batch(dict(settings=settings, sweep=list(results)))
     return dict(settings=settings, sweep=results)
+
+
+def turned(items: list, k: int) -> list:
+    """`items` turned by k places: turn k starts with item k (mod len), so over len(items) turns
+    each item comes first, second, ... once."""
+    k %= len(items)
+    return items[k:] + items[:k]
 
 
 def t_quantile_975(df: int) -> float:
