@@ -4,11 +4,14 @@ One verification step of B requests whose trees bring T = B + sum_b K_b tokens c
 seconds (the model runs only the real tokens: `specdec.model.Layout`) and adds, per request b,
 E_b(K_b) tokens in expectation. Each step the controller sizes every request's draft:
 
-    {K_b} = argmax  sum_b E_b(K_b) / (c(B, B + sum_b K_b) + o + v [any K_b > 0])     0 <= K_b <= K_max
+    {K_b} = argmax  sum_b w_b E_b(K_b) / (c(B, B + sum_b K_b) + o + v [any K_b > 0])     0 <= K_b <= K_max
 
-with o the step's other fixed work and v a drafted step's fixed extra (both fitted online), and a
-drafted step's cost raised by a margin: 1% (min_gain) against a prediction's error, more at a batch size
-where drafted steps have realized less than predicted. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the
+with w_b what a token of request b takes off the batch's end (a batch ends with its last request:
+tokens for a request that is ahead are worth little, for the one that finishes last a whole step;
+`SpeculationController.request_weights`, 1 at batch 1), o the step's other fixed work and v a drafted
+step's fixed extra (both fitted online), and a drafted step's cost raised by a margin: 1% (min_gain)
+against a prediction's error, more at a batch size where drafted steps have realized less than
+predicted. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the
 online estimate of P(draft node k is accepted): drafters order nodes best first, so for a chain p_k is
 the chance of k + 1 correct tokens and for a tree the chance that its k-th likeliest node lies on the
 accepted path. Kept per drafter and per match-length bucket when the drafter reports one (longer suffix
@@ -16,7 +19,8 @@ matches are accepted more). Every extra node costs the same, so the best allocat
 the T - B likeliest nodes of the whole batch; the controller sorts them and picks T.
 At batch 1 verification costs little more than a decode step, so K grows; at large batch the
 forward becomes compute-bound, each node costs a request's share of a step, and only the nodes
-likelier than that share are drafted: the requests with long matches keep drafting, the rest stop.
+likelier than that share are drafted: the requests with long matches that are not yet ahead keep
+drafting, the rest stop.
 
 c(B, N) is measured once per (device, model, dtype) on a grid and cached as JSON.
 """
@@ -24,6 +28,7 @@ c(B, N) is measured once per (device, model, dtype) on a grid and cached as JSON
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -203,9 +208,23 @@ class AcceptanceStats:
         self.strength, self.decay = float(strength), float(decay)
         self.buckets = buckets
         self._p, self._table = None, {}  # cached estimates, cleared by record
+        self._fading = 1.0  # fade still to apply (`fade`)
+
+    def fade(self):
+        """A step that offered nothing: the counts only fade. Deferred to the next `record` or
+        estimate, so that a plain step costs a multiplication."""
+        self._fading *= self.memory
+
+    def _settle(self):
+        if self._fading != 1.0:
+            self.tries *= self._fading
+            self.accepts *= self._fading
+            self._fading = 1.0
+            self._p, self._table = None, {}
 
     def rates(self) -> torch.Tensor:
         """(buckets, max_nodes) estimated p_k."""
+        self._settle()
         if self._p is None:  # numpy: a step's controller work is a few hundred tiny array operations
             tries, accepts, s = self.tries.numpy(), self.accepts.numpy(), self.strength
             p = np.empty_like(tries)
@@ -230,6 +249,7 @@ class AcceptanceStats:
     def record(self, offered, accepted, match_len=None):
         """offered (B,) draft nodes verified; accepted (B, K) bool, node k on the accepted path,
         or (B,) the accepted length of a chain (nodes 0..accepted-1)."""
+        self._settle()
         offered, accepted = offered.long().cpu().numpy(), accepted.cpu().numpy()
         K = self.tries.shape[1]
         k = np.arange(K).reshape(1, -1)
@@ -257,6 +277,7 @@ class AcceptanceStats:
         on a node tried a few times lifts it above its own prior. Measured at batch 4, a bonus of
         one standard error promised 115 accepted tokens where 53 came (point estimates: 85).
         """
+        self._settle()
         if max_k not in self._table:
             p = self.rates()[:, :max_k]  # (buckets, max_k)
             self._table[max_k] = torch.cat([torch.ones(self.buckets, 1, dtype=torch.float64), 1 + torch.cumsum(p, dim=1)],
@@ -309,6 +330,22 @@ class StepTimeFit:
         return float(o), float(v), min(max(float(s), 0.5), 8.0)
 
 
+@dataclass
+class Ledger:
+    """What asking the drafter has done lately at one batch size (`SpeculationController.worth_drafting`):
+    fading sums over the steps that asked, and where the looks at a drafter that does not pay stand."""
+
+    saved: float = 0.0  # seconds its accepted tokens saved
+    spent: float = 0.0  # seconds asking cost
+    asks: float = 0.0  # steps that asked
+    interval: int = 8  # steps from one look to the next while it does not pay
+    skipped: int = 0  # steps skipped since it was last asked
+    wait: int = 0  # steps this run of skips lasts: min(interval, look_interval), set as it starts
+
+    def copy(self) -> "Ledger":
+        return Ledger(self.saved, self.spent, self.asks, self.interval)
+
+
 class SpeculationController:
     """Sizes each request's draft every step; `observe` feeds it what verification accepted and
     what the step took.
@@ -342,12 +379,15 @@ class SpeculationController:
         self.draft_seconds = draft_seconds
         self.fit = StepTimeFit()
         # Per batch size, fading sums over the steps that asked the drafter: the seconds its
-        # accepted tokens saved (each at a plain step's price per token) and the seconds the
-        # asking cost (drafting, plus a drafted step's time over a plain one). Where the savings
-        # fall short, the drafter is asked again after `explore_every` steps, then after twice as
-        # many each time it still does not pay, up to `explore_max` (`worth_drafting`).
-        self.ledger = {}  # batch size -> [saved seconds, spent seconds, steps skipped since asked, interval]
+        # accepted tokens saved (each at a plain step's price per token), the seconds the asking
+        # cost (drafting, plus a drafted step's time over a plain one) and the number of asks.
+        # Where the savings fall short, the drafter is asked again after `explore_every` steps,
+        # then after twice as many each time it still does not pay, up to `explore_max`, but never
+        # so rarely that looking would cost less than `look_budget` of the plain steps' time
+        # (`worth_drafting`).
+        self.ledger = {}  # batch size -> Ledger
         self.ledger_memory, self.explore_every, self.explore_max = 0.95, 8, 64
+        self.look_budget = 0.01
         self.calibration_prior = 8.0
         self.promised = self.delivered = 0.0  # fading sums of expected and accepted draft tokens
         self._promise = None  # this step's expected accepted draft tokens, from `choose`
@@ -358,6 +398,7 @@ class SpeculationController:
         self.shortfall = {}
         self.shortfall_prior, self.shortfall_memory = 8.0, 0.98
         self._predicted_gain = None  # this step's predicted rate gain over a plain step, from `choose`
+        self._weights = None  # this step's request weights, from `choose`
 
     @property
     def cost(self) -> CostModel:
@@ -367,6 +408,7 @@ class SpeculationController:
     def cost(self, cost: CostModel):
         self._cost = cost
         self._curves = {}  # batch size -> (B * max_k + 1,) c(B, B + j) for j extra tokens
+        self._plains = {}  # batch size B -> (B + 1,) c(k, k) for k = 0..B
 
     def step_cost(self, batch_size: int, tokens: int) -> float:
         """c(B, T): the measured forward over T new tokens of B requests."""
@@ -401,12 +443,14 @@ class SpeculationController:
         a = self.calibration_prior
         return (self.delivered + a) / (self.promised + a)
 
-    def _allocate(self, e: np.ndarray, draft_seconds: float = 0.0):
-        """Draft sizes (B,) maximizing sum_b E_b(K_b) / (step seconds + d [any K_b > 0]), and that
-        rate. e (B, max_k + 1): E_b(K), -inf where request b has no K-th node."""
+    def _allocate(self, e: np.ndarray, weights: np.ndarray, draft_seconds: float = 0.0):
+        """Draft sizes (B,) maximizing sum_b w_b E_b(K_b) / (step seconds + d [any K_b > 0]), and
+        that rate. e (B, max_k + 1): E_b(K), -inf where request b has no K-th node; weights (B,): w_b
+        (`request_weights`)."""
         B, K = e.shape[0], self.max_k
         with np.errstate(invalid="ignore"):  # -inf - -inf past a request's last node
-            gain = (e[:, 1:] - e[:, :-1]) * self.kappa  # (B, K) node k's acceptance probability, calibrated
+            # (B, K) node k's acceptance probability, calibrated, times what a token of request b is worth
+            gain = (e[:, 1:] - e[:, :-1]) * self.kappa * weights.reshape(-1, 1)
         gain = np.minimum.accumulate(np.nan_to_num(gain, nan=-1.0, neginf=-1.0), axis=1)  # nodes come in order
         order = np.argsort(-gain.ravel(), kind="stable")  # likeliest first; within a row, k order
         j, rate = self._best_total(gain.ravel()[order], B, draft_seconds)
@@ -424,76 +468,146 @@ class SpeculationController:
         j = int(np.argmax(rate))  # the first best: fewer nodes on a tie
         return j, float(rate[j])
 
-    def choose(self, batch_size: int, match_len=None, count=None) -> torch.Tensor:
+    def choose(self, batch_size: int, match_len=None, count=None, remaining=None) -> torch.Tensor:
         """Draft sizes K_b (B,) int64 for this step. count (B,): the nodes each request's draft
-        actually has (a request with a K-node budget but a 2-node draft gains at most E(2))."""
+        actually has (a request with a K-node budget but a 2-node draft gains at most E(2));
+        remaining (B,): the tokens each request has left to generate (`request_weights`)."""
         e = self.stats.expected_tokens(self.max_k, match_len, batch_size).numpy()  # (B, max_k + 1)
         e = np.broadcast_to(e, (batch_size, e.shape[-1]))
         if count is not None:
             k = np.arange(self.max_k + 1).reshape(1, -1)
             e = np.where(k <= count.cpu().numpy().reshape(-1, 1), e, -np.inf)
-        sizes, rate = self._allocate(e)
+        self._weights = self.request_weights(batch_size, remaining)
+        sizes, rate = self._allocate(e, self._weights)
         plain_rate = batch_size / float(self.step_seconds(batch_size, 0)[0])
         self._predicted_gain = rate * (1 + self.margin(batch_size)) / plain_rate if int(sizes.sum()) else None
         # uncalibrated E, as kappa measures it
         self._promise = float((np.take_along_axis(e, sizes.numpy().reshape(-1, 1), 1) - 1).sum())
         return sizes
 
+    def request_weights(self, batch_size: int, remaining=None) -> np.ndarray:
+        """(B,) what a token of each request is worth, in units of a plain step's share per request
+        (c(B, B) / B); they sum to B.
+
+        A batch decodes until its last request is done, so a token brings the end nearer only
+        through the request it goes to. Order the requests by the tokens they have left, most first
+        (k = 1 is the one that finishes last): request k leaves the batch when k requests are left,
+        and one token sooner saves one step's price of a request at that size, c(k, k) - c(k - 1,
+        k - 1). The last to finish saves a whole batch-1 step; the first, a request's marginal price
+        in a full batch, which on a 2-core CPU is about nothing up to batch 4 (c(4, 4) = c(1, 1):
+        the weights are read once whatever the batch) and ~2 ms of 72 at batch 16. Requests tied on
+        the tokens left share their places' worth equally; at the start (all tied) every weight is
+        1, so drafting goes where acceptance is best, and the request it speeds up stops drafting
+        once it is ahead. Without `remaining` (or at batch 1) every weight is 1."""
+        if remaining is None or batch_size == 1:
+            return np.ones(batch_size)
+        left = remaining.cpu().numpy().reshape(-1) if torch.is_tensor(remaining) else np.asarray(remaining).reshape(-1)
+        plain = self._plain_steps(batch_size)
+        order = np.argsort(-left, kind="stable")  # k - 1 = place in this order
+        weights = np.empty(batch_size)
+        start = 0
+        for end in range(1, batch_size + 1):  # groups of equal tokens left share their places' worth
+            if end == batch_size or left[order[end]] != left[order[start]]:
+                weights[order[start:end]] = (plain[end] - plain[start]) / (end - start)
+                start = end
+        return weights * batch_size / plain[batch_size]
+
+    def _plain_steps(self, batch_size: int) -> np.ndarray:
+        """(B + 1,) a plain step's predicted seconds at batch k = 0..B (0 at k = 0), made
+        non-decreasing in k (a noisy grid can price batch 4 below batch 1)."""
+        if batch_size not in self._plains:
+            self._plains[batch_size] = np.array([0.0] + [self.cost(k, 1.0) for k in range(1, batch_size + 1)])
+        o = self.fit.solve()[0]
+        return np.maximum.accumulate(self._plains[batch_size] + o * (np.arange(batch_size + 1) > 0))
+
     def proposals_pay(self, batch_size: int) -> bool:
         """Whether asking the drafter has paid at this batch size: the seconds its accepted tokens
         saved against the seconds asking cost, over the recent steps that asked (fading sums). Asking
         pays when B + a tokens in t + s seconds beat B in t, i.e. when a * t / B > s. Optimistic
         until it has been tried."""
-        saved, spent = self._ledger(batch_size)[:2]
-        return saved >= spent
+        entry = self._ledger(batch_size)
+        return entry.saved >= entry.spent
 
-    def _ledger(self, batch_size: int) -> list:
+    def _ledger(self, batch_size: int) -> Ledger:
         """This batch size's ledger entry. A batch size not seen yet (a batch shrinks one request
         at a time as requests finish) starts from the sums and interval of the nearest one seen: at 15
         requests asking pays about as it did at 16, and a fresh optimistic entry per size would ask
         a drafter that has not paid at 16 once more at every size on the way down."""
         if batch_size not in self.ledger:
             near = min(self.ledger, key=lambda b: abs(math.log(b / batch_size)), default=None)
-            saved, spent, _, interval = self.ledger[near] if near is not None else (0.0, 0.0, 0, self.explore_every)
-            self.ledger[batch_size] = [saved, spent, 0, interval]
+            self.ledger[batch_size] = self.ledger[near].copy() if near is not None else Ledger(interval=self.explore_every)
         return self.ledger[batch_size]
 
-    def worth_drafting(self, batch_size: int) -> bool:
+    def look_interval(self, batch_size: int) -> int:
+        """The most steps to skip between looks at a drafter that does not pay: as many as make a
+        look's cost (an ask's mean cost lately) `look_budget` of the plain steps' time in between.
+        A cheap look is taken often: at batch 1 on a 2-core CPU an n-gram drafter that finds no match
+        costs ~1 ms, 3% of a plain step, so it is asked every 3 or 4 steps (not after 8 to 64
+        skipped ones: a request whose prompt it can copy from would be missed for most of its
+        answer); a dear one (a drafted step at batch 16 costing half a plain step) is spaced up
+        to `explore_max`."""
+        entry = self._ledger(batch_size)
+        if entry.asks <= 0:
+            return self.explore_max
+        per_look = entry.spent / entry.asks
+        plain = float(self.step_seconds(batch_size, 0)[0])
+        return max(1, min(self.explore_max, math.ceil(per_look / (self.look_budget * plain))))
+
+    def worth_drafting(self, batch_size: int, remaining=None) -> bool:
         """Whether to ask the drafter this step: not where drafting could not pay even if every
         request had the best match length seen so far (drafting time included), and where asking
         has not paid lately (`proposals_pay`) only once in a while, so that a text turning
         repetitive is noticed: after `explore_every` skipped steps, then twice as many after each
-        look that finds it still not paying, up to `explore_max`; once it pays, every step again.
-        (At batch 16 on a 2-core CPU, looks every 8 steps cost about 1% of the decode time and
-        found nothing worth drafting 17 times in 20.) If not, the engine takes a plain AR step."""
+        look that finds it still not paying, up to `explore_max`, or sooner where looking costs
+        little (`look_interval`); once it pays, every step again. (At batch 16 on a 2-core CPU,
+        looks every 8 steps cost about 1% of the decode time and found nothing worth drafting 17
+        times in 20.) If not, the engine takes a plain AR step."""
         entry = self._ledger(batch_size)
         if self.proposals_pay(batch_size):
-            entry[3] = self.explore_every
-        elif entry[2] < entry[3] - 1:
-            entry[2] += 1
-            return False
-        else:  # a look: the next one comes later unless this one pays
-            entry[3] = min(2 * entry[3], self.explore_max)
-        entry[2] = 0
+            entry.interval = self.explore_every
+        else:
+            if entry.skipped == 0:  # a run of skips starts
+                entry.wait = min(entry.interval, self.look_interval(batch_size))
+            if entry.skipped < entry.wait - 1:
+                entry.skipped += 1
+                return False
+            entry.interval = min(2 * entry.interval, self.explore_max)  # a look: the next one comes later unless it pays
+        entry.skipped = 0
         best = self.stats.table(self.max_k).numpy().max(axis=0)  # the most optimistic bucket, for every request
         gain = np.minimum.accumulate((best[1:] - best[:-1]) * self.kappa)
-        # every request alike: the ranking takes each node's gain batch_size times, in node order
-        j, _ = self._best_total(np.repeat(gain, batch_size), batch_size, self.draft_seconds)
+        # every request at the best bucket, each token at its request's worth, the likeliest nodes first
+        ranked = np.sort(np.outer(self.request_weights(batch_size, remaining), gain).ravel())[::-1]
+        j, _ = self._best_total(ranked, batch_size, self.draft_seconds)
         return j > 0
+
+    def observe_plain(self, batch_size: int, step_seconds=None):
+        """A step that did not ask the drafter: what `observe` does with nothing drafted and no
+        drafting time, in a few scalar updates (the engine's plain steps must cost what AR's do)."""
+        self.stats.fade()
+        rec, m = self.shortfall.setdefault(batch_size, [0.0, 0.0]), self.shortfall_memory
+        rec[0], rec[1] = m * rec[0], m * rec[1]
+        self._predicted_gain = self._weights = None
+        if step_seconds is not None:
+            c0 = float(self._curve(batch_size)[0])
+            self.fit.add(0.0, step_seconds - c0, False)
 
     def observe(self, drafted, accepted, match_len=None, draft_seconds=None, step_seconds=None):
         """drafted (B,) nodes verified per request, accepted: as `AcceptanceStats.record`;
         draft_seconds: the drafter's time this step (None: it was not called); step_seconds: the
         whole step's time, drafting included."""
         self.stats.record(drafted, accepted, match_len)
-        got = float(accepted.sum() if accepted.dim() == 2 else accepted.clamp(max=drafted).sum())
+        per_request = accepted.sum(dim=1) if accepted.dim() == 2 else accepted.clamp(max=drafted)
+        got = float(per_request.sum())
         B, offered = int(drafted.shape[0]), int(drafted.sum())
+        # the accepted tokens at their requests' worth (`request_weights`, as `choose` weighed them)
+        weights, self._weights = self._weights, None
+        worth = got if weights is None or len(weights) != B else float((per_request.cpu().numpy() * weights).sum())
         # a plain step's predicted time, for a step that drafted or asked the drafter
         plain = float(self.step_seconds(B, 0)[0]) if step_seconds and (offered or draft_seconds is not None) else None
         rec, m = self.shortfall.setdefault(B, [0.0, 0.0]), self.shortfall_memory
         rec[:] = [m * rec[0], m * rec[1]]  # fades every step: a bar raised so high that nothing drafts comes down
         if self._predicted_gain is not None and step_seconds and offered > 0:
-            realized = (B + got) / step_seconds * plain / B
+            realized = (B + worth) / step_seconds * plain / B
             rec[0] += self._predicted_gain
             rec[1] += realized
         self._predicted_gain = None
@@ -507,8 +621,9 @@ class SpeculationController:
             if step_seconds:
                 spent = draft_seconds + (step_seconds - draft_seconds - plain if offered > 0 else 0.0)
                 entry, m = self._ledger(B), self.ledger_memory
-                entry[0] = m * entry[0] + got * plain / B
-                entry[1] = m * entry[1] + spent
+                entry.saved = m * entry.saved + worth * plain / B
+                entry.spent = m * entry.spent + spent
+                entry.asks = m * entry.asks + 1
         if step_seconds is not None:
             c = self._curve(B)
             extra = min(offered, c.shape[0] - 1)

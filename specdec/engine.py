@@ -152,7 +152,8 @@ def plain_step(net, cache, s: Batch, params: SamplingParams, eos, drafter: Draft
         logits = net(roots, cache)
     t_obs = time.perf_counter()
     with nvtx_range("observe"):
-        drafter.observe(roots, logits, torch.ones(B, dtype=torch.int64, device=device))
+        count = torch.ones(B, dtype=torch.int64, device=device)  # one token a request
+        drafter.observe(roots, logits, count)
     t_obs = time.perf_counter() - t_obs
     with nvtx_range("accept"):
         u = None if params.greedy else uniforms(s.seeds, s.offsets, 1)[:, 0]
@@ -160,9 +161,9 @@ def plain_step(net, cache, s: Batch, params: SamplingParams, eos, drafter: Draft
     accepted_at = time.perf_counter()
     with nvtx_range("commit"):
         s.offsets += 1
-        count = torch.ones(B, dtype=torch.int64, device=device)
         cache.advance(count)
-        write_history(s, token.view(B, 1), count, capacity)
+        s.history[torch.arange(B, device=device), s.lens] = token  # write_history of one token (lens < capacity)
+        s.lens += 1
     no_nodes = torch.zeros(B, 0, dtype=torch.bool, device=device)
     return StepOutcome(token.view(B, 1), count, torch.isin(token, eos), no_nodes, None, t_obs, accepted_at)
 
@@ -246,11 +247,12 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         t0 = time.perf_counter()
         with nvtx_range("draft"):
             budget = int(min(K, max_new_tokens - 1))  # drafts past the token budget are wasted
-            if controller is not None and not controller.worth_drafting(Bn):
+            remaining = max_new_tokens - s.generated  # the batch ends when its last request does
+            if controller is not None and not controller.worth_drafting(Bn, remaining):
                 budget = 0  # verification is too dear at this batch size: a plain AR step
-            draft = drafter.propose(s.history, s.lens, budget) if budget > 0 else DraftTree.empty(Bn, device)
+            draft = drafter.propose(s.history, s.lens, budget) if budget > 0 else None
             if controller is not None and budget > 0:
-                draft = truncate(draft, controller.choose(Bn, draft.match_len, draft.count))
+                draft = truncate(draft, controller.choose(Bn, draft.match_len, draft.count, remaining))
             # the verification tree's width (one host sync; none when nothing was proposed)
             width = int(draft.count.max()) if budget > 0 else 0
         t1 = time.perf_counter()
@@ -266,9 +268,10 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             host_out, host_count = step.out.tolist(), count.tolist()
             accepted = [0] * Bn if step.accept_len is None else step.accept_len.tolist()
         t3 = time.perf_counter()
-        if controller is not None:
-            controller.observe(draft.count, step.on_path, draft.match_len,
-                               t1 - t0 + t_obs if budget > 0 else None, t3 - t0)
+        if controller is not None and budget == 0:
+            controller.observe_plain(Bn, t3 - t0)
+        elif controller is not None:
+            controller.observe(draft.count, step.on_path, draft.match_len, t1 - t0 + t_obs, t3 - t0)
         stats.steps += 1
         stats.tokens += sum(host_count)
         stats.accept_hist.update(accepted)

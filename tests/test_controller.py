@@ -25,14 +25,16 @@ def with_rate(alpha, max_k=16, n=100_000):
     return c
 
 
-def best_by_brute_force(alphas, step_cost, max_k):
-    """Every allocation of draft sizes (K_b), each 0..max_k: the best expected tokens per second.
-    Request b accepts each next token with probability alphas[b] (a chain)."""
+def best_by_brute_force(alphas, step_cost, max_k, weights=None):
+    """Every allocation of draft sizes (K_b), each 0..max_k: the best expected tokens per second,
+    each request's tokens counted weights[b] times. Request b accepts each next token with
+    probability alphas[b] (a chain)."""
     import itertools
 
     best = (0.0, None)
+    weights = [1.0] * len(alphas) if weights is None else weights
     for sizes in itertools.product(range(max_k + 1), repeat=len(alphas)):
-        tokens = sum((1 - a ** (k + 1)) / (1 - a) for a, k in zip(alphas, sizes))
+        tokens = sum(w * (1 - a ** (k + 1)) / (1 - a) for a, k, w in zip(alphas, sizes, weights))
         rate = tokens / step_cost(len(alphas), len(alphas) + sum(sizes))
         if rate > best[0] + 1e-12:
             best = (rate, sizes)
@@ -81,6 +83,39 @@ def test_sizes_each_request_by_its_own_acceptance(per_token):
     want, want_sizes = best_by_brute_force(alphas, charged(c), 16)
     assert rate_of(c, alphas, sizes) == pytest.approx(want, rel=1e-9), (sizes, want_sizes)
     assert sizes.tolist() == sorted(sizes.tolist())
+
+
+def test_a_token_is_worth_what_it_takes_off_the_batchs_end():
+    """A batch ends when its last request does. Requests ordered by tokens left (most first): the
+    k-th saves c(k, k) - c(k - 1, k - 1) per token, ties share their places' worth, and the weights
+    (in units of c(B, B) / B) sum to B. With the step price 1 + 0.1 x tokens, at batch 4: plain
+    steps cost 1.1, 1.2, 1.3, 1.4 at batch 1-4."""
+    batches = (1, 2, 3, 4)
+    c = SpeculationController(CostModel(batches, WIDTHS, [[1 + 0.1 * b * w for w in WIDTHS] for b in batches]), max_k=4)
+    w = c.request_weights(4, torch.tensor([10, 30, 20, 30]))
+    assert w == pytest.approx([0.1, 0.6, 0.1, 0.6] * (4 / 1.4 * torch.ones(4)).numpy())
+    assert w.sum() == pytest.approx(4)
+    assert c.request_weights(4, torch.tensor([7, 7, 7, 7])) == pytest.approx([1, 1, 1, 1])  # all tied
+    assert c.request_weights(4, None).tolist() == [1, 1, 1, 1] and c.request_weights(1, torch.tensor([3])).tolist() == [1]
+
+
+@pytest.mark.parametrize("per_token", [0.0, 0.01, 0.05])
+def test_drafts_go_to_the_requests_that_finish_last(per_token):
+    """Four requests alike (accepting 0.8 a token), two of them 20 tokens behind: the chosen sizes
+    reach the exhaustive optimum with each request's tokens at its worth. Where a step costs the
+    same at any batch size (per_token 0: a request ahead takes nothing off the end), only the two
+    behind draft."""
+    c = with_rate(0.8, max_k=6)
+    c.cost = synthetic_cost(per_token)
+    remaining = torch.tensor([10, 30, 10, 30])
+    sizes = c.choose(4, remaining=remaining)
+    w = c.request_weights(4, remaining)
+    want, want_sizes = best_by_brute_force([0.8] * 4, charged(c), 6, weights=w)
+    tokens = sum(wb * (1 - 0.8 ** (k + 1)) / 0.2 for wb, k in zip(w, sizes.tolist()))
+    assert tokens / charged(c)(4, 4 + int(sizes.sum())) == pytest.approx(want, rel=1e-9), (sizes, want_sizes)
+    assert sizes[1] == sizes[3] > 0 and sizes[0] == sizes[2] <= sizes[1]
+    if per_token == 0.0:
+        assert sizes[0] == sizes[2] == 0
 
 
 def test_shrinks_toward_zero_as_the_cost_curve_steepens():
@@ -363,37 +398,59 @@ def test_fitted_price_of_extra_tokens_changes_the_choice():
     assert 0 <= int(c.choose(16).sum()) < cheap
 
 
-def test_asking_the_drafter_backs_off_where_it_does_not_pay_and_resumes_where_it_does():
-    """Proposals that come back empty cost drafting time and save nothing: after the first, the
-    drafter is asked after `explore_every` steps, then after twice as many each time, up to
-    `explore_max`. One that brings accepted tokens worth more than all that drafting (a token
-    saves a request's share of a step) has it asked every step again. A batch size not seen yet
-    starts from the nearest one's record; with no record at all the controller is optimistic."""
-    c = with_rate(0.9)
-    c.cost = synthetic_cost(0.0)  # a plain step costs 1 s
-    c.explore_max = 32
-    d = 0.05
+def asking(c, d):
+    """ask(steps, accepted, B): run `steps` steps at batch B; where the controller asks the drafter,
+    asking costs d seconds and the draft (4 nodes a request, or none) brings `accepted` tokens a
+    request. A plain step costs 1 s. Returns the steps that asked."""
 
     def ask(steps, accepted, B=4):
         asked = []
         for _ in range(steps):
             asked.append(c.worth_drafting(B))
             if asked[-1]:
-                n = 2 if accepted else 0
+                n = 4 if accepted else 0
                 c.choose(B, count=torch.full((B,), n))
                 drafted = torch.full((B,), n)
                 got = torch.full((B,), accepted)
                 c.observe(drafted, got, draft_seconds=d, step_seconds=1.0 + d + (0.1 if n else 0.0))
         return [i for i, a in enumerate(asked) if a]
 
+    return ask
+
+
+def test_asking_the_drafter_backs_off_where_it_does_not_pay_and_resumes_where_it_does():
+    """Proposals that come back empty cost drafting time and save nothing: after the first, a
+    drafter that is dear to ask (half a plain step) is asked after `explore_every` steps, then
+    after twice as many each time, up to `explore_max`. One that brings accepted tokens worth more
+    than all that drafting (a token saves a request's share of a step) has it asked every step
+    again. A batch size not seen yet starts from the nearest one's record; with no record at all
+    the controller is optimistic."""
+    c = with_rate(0.9)
+    c.cost = synthetic_cost(0.0)  # a plain step costs 1 s
+    c.explore_max = 32
+    ask = asking(c, d=0.5)
+
     assert c.explore_every == 8
     useless = ask(120, 0)
     assert useless == [0, 8, 24, 56, 88]  # gaps 8, 16, 32 (the cap), 32
     assert ask(1, 0, B=3) == [] and ask(1, 0, B=64) == []  # the record at batch 4 carries over
-    # steps 89-119 were skipped, so the next step asks; it brings 4 tokens (worth 1 s): then every step asks
-    assert ask(1 + c.explore_every, 1) == list(range(1 + c.explore_every))
+    # steps 89-119 were skipped, so the next step asks; it brings 16 tokens (worth 4 s): then every step asks
+    assert ask(1 + c.explore_every, 4) == list(range(1 + c.explore_every))
     fresh = with_rate(0.9)
     assert fresh.worth_drafting(16)  # nothing learned yet: ask
+
+
+@pytest.mark.parametrize("d, every", [(0.03, 3), (0.0001, 1), (0.12, 12)])
+def test_a_cheap_look_at_a_drafter_that_does_not_pay_is_taken_often(d, every):
+    """Looks at a drafter that does not pay cost at most `look_budget` (1%) of the plain steps
+    between them: asking at 3% of a plain step, every third step; at 12%, every 12th once the
+    backoff (8, then 16) reaches that; almost free, every step."""
+    c = with_rate(0.9)
+    c.cost = synthetic_cost(0.0)
+    assert c.look_budget == 0.01
+    asked = asking(c, d)(60, 0)
+    gaps = [b - a for a, b in zip(asked, asked[1:])]
+    assert gaps == [min(c.explore_every, every)] + [every] * (len(gaps) - 1)
 
 
 def test_promises_that_verification_does_not_keep_raise_the_bar():
@@ -432,3 +489,27 @@ def test_a_second_node_is_expected_at_decay_times_the_first_not_its_square():
     p = s.rates()[0]
     assert p[0] == pytest.approx(0.2, abs=0.02)
     assert p[1] == pytest.approx(0.8 * p[0], rel=1e-6)
+
+
+def test_a_plain_step_observed_cheaply_leaves_the_controller_as_a_full_observe_would():
+    """`observe_plain` (a step that did not ask the drafter) defers the counts' fade and skips the
+    tensor work, but every estimate after it equals what `observe` with an empty draft gives."""
+    import copy
+
+    a = with_rate(0.6, max_k=4)
+    a.stats.tries[:] = torch.rand(a.stats.tries.shape, generator=torch.Generator().manual_seed(0)) * 50
+    a.stats.accepts[:] = a.stats.tries * 0.5
+    b = copy.deepcopy(a)
+    for step in range(30):
+        if step % 7 == 3:  # now and then a drafted step, observed in full by both
+            for c in (a, b):
+                c.choose(4)
+                c.observe(torch.full((4,), 2), torch.tensor([2, 0, 1, 0]), draft_seconds=0.01, step_seconds=1.3)
+        else:
+            a.observe(torch.zeros(4, dtype=torch.int64), torch.zeros(4, 0, dtype=torch.bool), step_seconds=1.0 + step / 100)
+            b.observe_plain(4, step_seconds=1.0 + step / 100)
+    assert torch.allclose(a.stats.rates(), b.stats.rates(), rtol=1e-12)
+    assert torch.allclose(a.stats.tries, b.stats.tries, rtol=1e-12)
+    assert a.fit.solve() == pytest.approx(b.fit.solve(), rel=1e-12)
+    assert a.shortfall[4] == pytest.approx(b.shortfall[4]) and a.kappa == pytest.approx(b.kappa)
+    assert a.choose(4).tolist() == b.choose(4).tolist()
