@@ -11,12 +11,12 @@ tokens for a request that is ahead are worth little, for the one that finishes l
 `SpeculationController.request_weights`, 1 at batch 1), o the step's other fixed work and v a drafted
 step's fixed extra (both fitted online), and a drafted step's cost raised by a margin: 1% (min_gain)
 against a prediction's error, more at a batch size where drafted steps have realized less than
-predicted. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the
-online estimate of P(draft node k is accepted): drafters order nodes best first, so for a chain p_k is
-the chance of k + 1 correct tokens and for a tree the chance that its k-th likeliest node lies on the
-accepted path. Kept per drafter and per match-length bucket when the drafter reports one (longer suffix
-matches are accepted more). Every extra node costs the same, so the best allocation for a given T takes
-the T - B likeliest nodes of the whole batch; the controller sorts them and picks T.
+predicted. E_b(K) = 1 + sum_{k<K} p_k, where p_k is the online estimate of P(draft node k is accepted):
+drafters order nodes best first, so for a chain p_k is the chance of k + 1 correct tokens and for a
+tree the chance that its k-th likeliest node lies on the accepted path. Kept per drafter and per
+match-length bucket when the drafter reports one (longer suffix matches are accepted more). Every extra
+node costs the same, so the best allocation for a given T takes the T - B likeliest nodes of the whole
+batch (each at its request's worth); the controller sorts them and picks T.
 At batch 1 verification costs little more than a decode step, so K grows; at large batch the
 forward becomes compute-bound, each node costs a request's share of a step, and only the nodes
 likelier than that share are drafted: the requests with long matches that are not yet ahead keep

@@ -247,7 +247,8 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         t0 = time.perf_counter()
         with nvtx_range("draft"):
             budget = int(min(K, max_new_tokens - 1))  # drafts past the token budget are wasted
-            remaining = max_new_tokens - s.generated  # the batch ends when its last request does
+            # tokens each request has left: the batch ends when its last request does
+            remaining = None if controller is None else max_new_tokens - s.generated
             if controller is not None and not controller.worth_drafting(Bn, remaining):
                 budget = 0  # verification is too dear at this batch size: a plain AR step
             draft = drafter.propose(s.history, s.lens, budget) if budget > 0 else None
