@@ -314,6 +314,7 @@ class StepTimeFit:
         self.memory, self.prior, self.x0 = memory, prior, x0
         self.ff = np.zeros((3, 3))  # fading sums of f f^T and f y, f = (1, drafted, extra cost)
         self.fy = np.zeros(3)
+        self._solution = None  # `solve`'s answer until the next `add` (a step reads it several times)
 
     def add(self, extra_cost: float, residual: float, drafted: bool | None = None):
         """One step: the grid's price of its extra tokens and what the step took beyond c(B, B)
@@ -321,13 +322,16 @@ class StepTimeFit:
         f = np.array([1.0, float(extra_cost > 0 if drafted is None else drafted), extra_cost])
         self.ff = self.memory * self.ff + np.outer(f, f)
         self.fy = self.memory * self.fy + f * residual
+        self._solution = None
 
     def solve(self):
         """(o, v, s): ridge regression with pseudo-observations o = 0 (faint), v = 0 (weak) and s = 1."""
-        lam = self.prior * self.x0 ** 2
-        m = self.ff + np.diag([self.prior / 1000, self.prior / 10, lam])
-        o, v, s = np.linalg.solve(m, self.fy + np.array([0.0, 0.0, lam]))
-        return float(o), float(v), min(max(float(s), 0.5), 8.0)
+        if self._solution is None:
+            lam = self.prior * self.x0 ** 2
+            m = self.ff + np.diag([self.prior / 1000, self.prior / 10, lam])
+            o, v, s = np.linalg.solve(m, self.fy + np.array([0.0, 0.0, lam]))
+            self._solution = float(o), float(v), min(max(float(s), 0.5), 8.0)
+        return self._solution
 
 
 @dataclass
