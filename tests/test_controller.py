@@ -513,3 +513,14 @@ def test_a_plain_step_observed_cheaply_leaves_the_controller_as_a_full_observe_w
     assert a.fit.solve() == pytest.approx(b.fit.solve(), rel=1e-12)
     assert a.shortfall[4] == pytest.approx(b.shortfall[4]) and a.kappa == pytest.approx(b.kappa)
     assert a.choose(4).tolist() == b.choose(4).tolist()
+
+
+def test_request_weights_asked_twice_in_a_step_are_computed_once():
+    c = SpeculationController(synthetic_cost(0.25))
+    remaining = torch.tensor([10, 30, 20, 30])
+    w = c.request_weights(4, remaining)
+    assert c.request_weights(4, remaining) is w  # the same tensor: a lookup
+    again = c.request_weights(4, remaining.clone())
+    assert again is not w and again.tolist() == w.tolist()
+    c.fit.add(0.0, 0.5, False)  # a step later the fitted fixed work moved: recomputed
+    assert c.request_weights(4, remaining) is not w
