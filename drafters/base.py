@@ -7,6 +7,7 @@ A step of the engine, seen from a drafter:
     draft = drafter.propose(history, lens, max_nodes)   each step, for every active request
     drafter.observe(tokens, logits, num_nodes)          the verification forward's tree and logits
     drafter.update(history, lens, accepted)             after verification committed tokens
+                                                        (steps without a draft: before the next use)
     drafter.retain(index)                               requests left the batch
 
 `history` (B, T) int64 on the model's device holds each request's tokens (prompt, then every
@@ -68,7 +69,9 @@ class Drafter:
         (Token Recycling) read it here; the default ignores it."""
 
     def update(self, history: torch.Tensor, lens: torch.Tensor, accepted: torch.Tensor) -> None:
-        """`accepted` (B,) int64: how many tokens each request just committed (ends of history)."""
+        """`accepted` (B,) int64: how many tokens each request committed since the last update (the
+        ends of history). After a drafted step it comes at once; steps without a draft are shown
+        together, before the drafter's next propose, retain or finish."""
 
     def retain(self, index: torch.Tensor) -> None:
         """Keep per-request state only for requests `index` (B',), in that order.

@@ -319,9 +319,15 @@ class StepTimeFit:
     def add(self, extra_cost: float, residual: float, drafted: bool | None = None):
         """One step: the grid's price of its extra tokens and what the step took beyond c(B, B)
         and drafting; `drafted` defaults to whether it had extra tokens."""
-        f = np.array([1.0, float(extra_cost > 0 if drafted is None else drafted), extra_cost])
-        self.ff = self.memory * self.ff + np.outer(f, f)
-        self.fy = self.memory * self.fy + f * residual
+        self.ff *= self.memory
+        self.fy *= self.memory
+        if extra_cost == 0 and not drafted:  # a plain step, f = (1, 0, 0): two scalar updates
+            self.ff[0, 0] += 1.0
+            self.fy[0] += residual
+        else:
+            f = np.array([1.0, float(extra_cost > 0 if drafted is None else drafted), extra_cost])
+            self.ff += np.outer(f, f)
+            self.fy += f * residual
         self._solution = None
 
     def solve(self):

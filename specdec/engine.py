@@ -58,6 +58,7 @@ class Batch:
     top_p: torch.Tensor
     seeds: torch.Tensor
     offsets: torch.Tensor  # (B,) int64 random-number counters
+    ones: torch.Tensor  # (B,) int64, all 1: a plain step's token count per request
 
     def keep(self, index: torch.Tensor) -> "Batch":
         return Batch(*(getattr(self, f)[index] for f in self.__dataclass_fields__))
@@ -146,26 +147,26 @@ class StepOutcome:
 
 def plain_step(net, cache, s: Batch, params: SamplingParams, eos, drafter: Drafter, capacity: int) -> StepOutcome:
     """No request has a draft: the model's causal decode step and AR's sampler, no tree."""
-    B, device = s.ids.shape[0], s.ids.device
+    B = s.ids.shape[0]
     with nvtx_range("verify_forward"):
         roots = s.history.gather(1, (s.lens - 1).view(B, 1))  # (B, 1)
         logits = net(roots, cache)
     t_obs = time.perf_counter()
     with nvtx_range("observe"):
-        count = torch.ones(B, dtype=torch.int64, device=device)  # one token a request
-        drafter.observe(roots, logits, count)
+        drafter.observe(roots, logits, s.ones)
     t_obs = time.perf_counter() - t_obs
     with nvtx_range("accept"):
         u = None if params.greedy else uniforms(s.seeds, s.offsets, 1)[:, 0]
         token = sample(logits[:, 0], s.temperature, s.top_k, s.top_p, u)  # (B,)
     accepted_at = time.perf_counter()
     with nvtx_range("commit"):
-        s.offsets += 1
-        cache.advance(count)
-        s.history[torch.arange(B, device=device), s.lens] = token  # write_history of one token (lens < capacity)
+        if not params.greedy:  # greedy decoding reads no random numbers
+            s.offsets += 1
+        cache.advance(1)
+        s.history.scatter_(1, s.lens.view(B, 1), token.view(B, 1))  # write_history of one token (lens < capacity)
         s.lens += 1
-    no_nodes = torch.zeros(B, 0, dtype=torch.bool, device=device)
-    return StepOutcome(token.view(B, 1), count, torch.isin(token, eos), no_nodes, None, t_obs, accepted_at)
+    no_nodes = torch.zeros(B, 0, dtype=torch.bool, device=token.device)
+    return StepOutcome(token.view(B, 1), s.ones, torch.isin(token, eos), no_nodes, None, t_obs, accepted_at)
 
 
 def tree_step(net, cache, s: Batch, params: SamplingParams, eos, drafter: Drafter, draft: DraftTree, width: int,
@@ -192,7 +193,8 @@ def tree_step(net, cache, s: Batch, params: SamplingParams, eos, drafter: Drafte
                         draft.siblings)
     accepted_at = time.perf_counter()
     with nvtx_range("commit"):
-        s.offsets += N
+        if not params.greedy:
+            s.offsets += N
         commit(cache, result)
         out, count, hit_eos = emitted_tokens(result, max_new_tokens - s.generated, eos)
         write_history(s, out, count, capacity)
@@ -227,22 +229,35 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
     zero = torch.zeros(B, dtype=torch.int64, device=device)
     first = sample_tokens(logits, temperature, top_k, top_p, uniforms(seeds, zero, 1)[:, 0])
     s = Batch(torch.arange(B, device=device), history.to(device), lens, torch.ones_like(lens),
-              temperature, top_k, top_p, seeds, zero + 1)
+              temperature, top_k, top_p, seeds, zero + 1, zero + 1)
     s.history[torch.arange(B, device=device), s.lens] = first
     s.lens += 1
     done = torch.isin(first, eos) | (max_new_tokens <= 1)
     yield s.ids.tolist(), [[t] for t in first.tolist()]
     drafter.prepare(model.config.vocab_size, device)
     drafter.start(s.history, s.lens)
+    ids = s.ids.tolist()
+    # Plain steps the drafter has not been shown yet (one token per request each): `update` waits
+    # until the drafter is next used (propose, retain, finish), so a run of plain steps costs it
+    # one call, not one a step.
+    unseen = 0
+
+    def show_drafter():
+        nonlocal unseen
+        if unseen:
+            drafter.update(s.history, s.lens, torch.full((s.ids.shape[0],), unseen, dtype=torch.int64, device=device))
+            unseen = 0
 
     while True:
         if bool(done.any()):
+            show_drafter()  # the leavers' last tokens, before it drops them
             index = survivors(~done)  # a request's row may change: s.ids follows it
             if index.numel() == 0:
                 break
             s = s.keep(index)
             cache.reorder(index)
             drafter.retain(index)
+            ids = s.ids.tolist()
         Bn = s.ids.shape[0]
         t0 = time.perf_counter()
         with nvtx_range("draft"):
@@ -251,7 +266,9 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             remaining = None if controller is None else max_new_tokens - s.generated
             if controller is not None and not controller.worth_drafting(Bn, remaining):
                 budget = 0  # verification is too dear at this batch size: a plain AR step
-            draft = drafter.propose(s.history, s.lens, budget) if budget > 0 else None
+            if budget > 0:
+                show_drafter()
+                draft = drafter.propose(s.history, s.lens, budget)
             if controller is not None and budget > 0:
                 draft = truncate(draft, controller.choose(Bn, draft.match_len, draft.count, remaining))
             # the verification tree's width (one host sync; none when nothing was proposed)
@@ -265,19 +282,26 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         with nvtx_range("update"):
             s.generated += count
             done = step.hit_eos | (s.generated >= max_new_tokens)
-            drafter.update(s.history, s.lens, count)
-            host_out, host_count = step.out.tolist(), count.tolist()
-            accepted = [0] * Bn if step.accept_len is None else step.accept_len.tolist()
+            if width == 0:
+                unseen += 1
+                new = [[t] for t in step.out[:, 0].tolist()]
+            else:
+                drafter.update(s.history, s.lens, count)
+                new = [row[:c] for row, c in zip(step.out.tolist(), count.tolist())]
         t3 = time.perf_counter()
         if controller is not None and budget == 0:
             controller.observe_plain(Bn, t3 - t0)
         elif controller is not None:
             controller.observe(draft.count, step.on_path, draft.match_len, t1 - t0 + t_obs, t3 - t0)
         stats.steps += 1
-        stats.tokens += sum(host_count)
-        stats.accept_hist.update(accepted)
+        stats.tokens += sum(map(len, new))
+        if step.accept_len is None:
+            stats.accept_hist[0] += Bn
+        else:
+            stats.accept_hist.update(step.accept_len.tolist())
         for k, dt in zip(("draft", "verify", "bookkeeping"), (t1 - t0 + t_obs, t2 - t1 - t_obs, t3 - t2)):
             stats.seconds[k] += dt
-        yield s.ids.tolist(), [row[:c] for row, c in zip(host_out, host_count)]
+        yield ids, new
+    show_drafter()
     drafter.finish()
     return stats

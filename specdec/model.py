@@ -159,8 +159,9 @@ class KVCache(nn.Module):
         self.k[layer][rows, :, slots] = k_new
         self.v[layer][rows, :, slots] = v_new
 
-    def advance(self, num_new: torch.Tensor):
-        self.lens += num_new.to(self.lens.dtype)
+    def advance(self, num_new: torch.Tensor | int):
+        """Keep every sequence's num_new (B,) (or int: the same for all) just-written tokens."""
+        self.lens += num_new if isinstance(num_new, int) else num_new.to(self.lens.dtype)
 
     def rollback(self, lens: torch.Tensor):
         """Truncate each sequence b to lens[b] tokens (lens[b] <= current length)."""

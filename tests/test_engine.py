@@ -1,10 +1,13 @@
 """The speculative engine: lossless greedy for adversarial drafters, exact sampling, edge cases."""
 
+import itertools
+
 import pytest
 import torch
 
 import specdec
 import specdec.engine as engine
+from specdec.generate import make_controller
 from drafters import Drafter, DraftTree
 from kernels.verify import VerifyResult
 from tiny_models import tiny_model
@@ -153,6 +156,67 @@ def test_eos_inside_an_accepted_run_stops_there(model, reference):
     finally:
         model.config.eos_token_ids = eos
     assert out == ids[: ids.index(ids[6]) + 1]
+
+
+class Mirror(Drafter):
+    """Wraps a drafter and keeps its own copy of every request's tokens from `start` and `update`
+    alone, checked against the engine's history whenever the drafter is asked for a draft."""
+
+    def __init__(self, inner):
+        self.inner, self.updates, self.proposals = inner, 0, 0
+
+    def start(self, history, lens):
+        self.rows = [history[b, :n].tolist() for b, n in enumerate(lens.tolist())]
+        self.ids, self.finished = list(range(len(self.rows))), {}
+        self.inner.start(history, lens)
+
+    def update(self, history, lens, accepted):
+        self.updates += 1
+        for row, b, a, n in zip(self.rows, range(len(self.rows)), accepted.tolist(), lens.tolist()):
+            row.extend(history[b, n - a : n].tolist())
+        self.inner.update(history, lens, accepted)
+
+    def retain(self, index):
+        keep = index.tolist()
+        for i in set(range(len(self.rows))) - set(keep):  # leavers: their last update came first
+            self.finished[self.ids[i]] = self.rows[i]
+        self.rows, self.ids = [self.rows[i] for i in keep], [self.ids[i] for i in keep]
+        self.inner.retain(index)
+
+    def finish(self):
+        self.finished.update(zip(self.ids, self.rows))
+
+    def propose(self, history, lens, max_nodes):
+        self.proposals += 1
+        assert self.rows == [history[b, :n].tolist() for b, n in enumerate(lens.tolist())]
+        return self.inner.propose(history, lens, max_nodes)
+
+
+@pytest.mark.parametrize("asked", ["every step", "every fourth step"])
+def test_drafters_see_every_committed_token_once(model, reference, asked):
+    """Steps without a draft are shown to the drafter together, before its next propose, retain
+    or finish: what it has seen then is the whole history, and a finished request's whole text."""
+    eos = model.config.eos_token_ids
+    model.config.eos_token_ids = (reference[3][6],)  # requests finish at different steps
+    try:
+        expected = specdec.generate(model, PROMPTS, max_new_tokens=24).token_ids
+        mirror = Mirror(EveryOtherStep(Oracle(PROMPTS, reference)))
+        if asked == "every step":
+            out = specdec.generate(model, PROMPTS, max_new_tokens=24, drafter=mirror, num_draft_tokens=2)
+        else:  # "auto" with a controller that lets the drafter be asked one step in four
+            controller, calls = make_controller(model, "auto", mirror), itertools.count()
+            controller.worth_drafting = lambda batch_size, remaining=None: next(calls) % 4 == 0
+            out = specdec.generate(model, PROMPTS, max_new_tokens=24, drafter=mirror, num_draft_tokens="auto")
+    finally:
+        model.config.eos_token_ids = eos
+    assert out.token_ids == expected
+    assert any(len(e) < 24 for e in expected)  # some left the batch early
+    assert mirror.finished == {b: p + o for b, (p, o) in enumerate(zip(PROMPTS, expected))}
+    steps = out.stats["verify_steps"]
+    if asked == "every step":
+        assert mirror.proposals == steps
+    else:  # runs of steps without a draft were shown in one update each
+        assert mirror.proposals == (steps + 3) // 4 and mirror.updates < steps
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 7])
