@@ -269,8 +269,8 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             if budget > 0:
                 show_drafter()
                 draft = drafter.propose(s.history, s.lens, budget)
-            if controller is not None and budget > 0:
-                draft = truncate(draft, controller.choose(Bn, draft.match_len, draft.count, remaining))
+                if controller is not None:
+                    draft = truncate(draft, controller.choose(Bn, draft.match_len, draft.count, remaining))
             # the verification tree's width (one host sync; none when nothing was proposed)
             width = int(draft.count.max()) if budget > 0 else 0
         t1 = time.perf_counter()
