@@ -6,7 +6,7 @@ autoregressive decoding's step, split into the model's forward and everything el
 
 Where speculation does not pay (large batches on a CPU) "auto" takes plain decode steps, and the
 best it can do is this engine's plain step. Each drafter is run with a controller that never asks
-it (its state is kept current every step, as under "auto"), against AR on the same requests: one
+it (it sees every committed token, as under "auto"), against AR on the same requests: one
 process, configurations interleaved per batch, their order turning each batch. Reported per decode
 step: the forward's milliseconds, the rest, and the paired ratio of decode time (engine / AR; above
 1 is slower). A request's prefill is excluded from both.

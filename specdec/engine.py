@@ -302,6 +302,5 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         for k, dt in zip(("draft", "verify", "bookkeeping"), (t1 - t0 + t_obs, t2 - t1 - t_obs, t3 - t2)):
             stats.seconds[k] += dt
         yield ids, new
-    show_drafter()
-    drafter.finish()
+    drafter.finish()  # the last requests' tokens were shown before the loop ended
     return stats
