@@ -18,9 +18,12 @@ start, observe, update, retain, finish) so their state stays current whichever s
 Shapes: B batch, T history width, K draft nodes.
 """
 
+from pathlib import Path
+
 import torch
 
 from drafters.base import Drafter, DraftTree
+from drafters.corpus import Corpus
 
 
 def _pad(draft: DraftTree, K: int):
@@ -35,7 +38,8 @@ class HybridDrafter(Drafter):
     """The primary's draft where its match_len >= threshold, the helper's elsewhere.
 
     primary: default `SAMDrafter(corpus=corpus, static_bias=bias)`; helper: default
-    `TokenRecyclingDrafter()`. `bias` and `corpus` configure only the default primary.
+    `TokenRecyclingDrafter(corpus=corpus)`. `bias` configures only the default primary, `corpus`
+    whichever of the two is the default (an error when neither is).
     `uses` counts request-steps drafted by each side in the current generate call;
     `last_use_primary` (B,) bool is the last step's choice.
     """
@@ -46,16 +50,18 @@ class HybridDrafter(Drafter):
                  bias: int = 5, corpus=None):
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
             raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
+        if corpus is not None and primary is not None and helper is not None:
+            raise ValueError("corpus configures the default primary and helper; pass it to your own drafters instead")
+        if isinstance(corpus, (str, Path)):
+            corpus = Corpus.load(corpus)  # loaded once for both
         if primary is None:
             from drafters.suffix_automaton import SAMDrafter
 
             primary = SAMDrafter(corpus=corpus, static_bias=bias)
-        elif corpus is not None:
-            raise ValueError("corpus configures the default primary; pass it to your primary instead")
         if helper is None:
             from drafters.token_recycling import TokenRecyclingDrafter
 
-            helper = TokenRecyclingDrafter()
+            helper = TokenRecyclingDrafter(corpus=corpus)
         self.primary, self.helper = primary, helper
         self.threshold, self.bias = threshold, bias
         self._uses = None  # (2,) int64 on the device: request-steps by primary, helper

@@ -44,7 +44,7 @@ def cmd_generate(args):
     print(line, file=sys.stderr)
 
 
-CORPUS_DRAFTERS = ("sam", "suffix", "hybrid")
+CORPUS_DRAFTERS = ("sam", "suffix", "recycle", "hybrid")
 
 
 def _drafter_options(args, names):
@@ -132,7 +132,7 @@ def main(argv=None):
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    g.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/hybrid (see `specdec corpus`)")
+    g.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/recycle/hybrid (see `specdec corpus`)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="Spec-Bench-style comparison against autoregressive decoding")
@@ -154,7 +154,7 @@ def main(argv=None):
     b.add_argument("--warmup", type=int, default=64, metavar="N",
                    help="--batch-sizes: up to N questions not measured warm each configuration up, untimed "
                         "(0: every configuration starts cold)")
-    b.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/hybrid (see `specdec corpus`)")
+    b.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/recycle/hybrid (see `specdec corpus`)")
     _model_args(b)
     b.set_defaults(func=cmd_bench)
 

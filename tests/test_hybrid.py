@@ -182,3 +182,13 @@ def test_lossless_default_sam_primary(model, reference):
     out = specdec.generate(model, PROMPTS, max_new_tokens=24, drafter=hybrid, num_draft_tokens=8)
     assert out.token_ids == reference
     assert hybrid.uses["primary"] > 0 and hybrid.uses["helper"] > 0
+
+
+def test_corpus_reaches_the_default_helper():
+    from drafters.corpus import Corpus
+
+    corpus = Corpus([[3, 4, 3, 5]], 16)
+    hybrid = HybridDrafter(corpus=corpus)
+    assert hybrid.primary.corpus is corpus and hybrid.helper.corpus is corpus
+    own = HybridDrafter(primary=FakePrimary([[0]]), corpus=corpus)  # the default helper still gets it
+    assert own.helper.corpus is corpus

@@ -206,3 +206,79 @@ def test_a_cold_root_gets_no_draft():
     assert d.propose(history, lens, 4).count.tolist() == [0, 0]  # nothing observed yet
     d.observe(torch.tensor([[6]]), torch.randn(1, 1, V), torch.tensor([1]))  # root 6 gets candidates
     assert d.propose(history, lens, 4).count.tolist() == [0, 4]
+
+
+def brute_corpus_rows(docs, V, k):
+    """Per token: successors by count descending then id, topped up with the most frequent tokens."""
+    from collections import Counter
+
+    follow, uni = {}, Counter()
+    for d in docs:
+        uni.update(d)
+        for a, b in zip(d, d[1:]):
+            follow.setdefault(a, Counter())[b] += 1
+    common = sorted(range(V), key=lambda t: (-uni[t], t))
+    rows = {}
+    for a, c in follow.items():
+        row = [b for b, _ in sorted(c.items(), key=lambda x: (-x[1], x[0]))][:k]
+        rows[a] = row + [t for t in common if t not in row][: k - len(row)]
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_corpus_rows_match_brute_force(seed):
+    from drafters.corpus import Corpus
+    from drafters.token_recycling import corpus_rows
+
+    g = random.Random(seed)
+    V, k = g.choice([5, 12, 40]), g.choice([1, 3, 4])
+    docs = [[g.randrange(V) for _ in range(g.randint(1, 30))] for _ in range(g.randint(1, 6))]
+    tokens, rows = corpus_rows(Corpus(docs, V), k)
+    expect = brute_corpus_rows(docs, V, k)
+    assert tokens.tolist() == sorted(expect)  # a document's last token gets no successor from the next
+    assert {t: r for t, r in zip(tokens.tolist(), rows.tolist())} == expect
+    assert all(len(set(r)) == k for r in rows.tolist())  # no duplicate siblings
+
+
+def test_corpus_warm_start(tmp_path):
+    from drafters.corpus import Corpus
+
+    V, k = 20, 2
+    corpus = Corpus([[3, 4, 3, 5, 3, 4], [6, 7]], V)
+    d = TokenRecyclingDrafter(top_k=k, corpus=corpus)
+    d.prepare(V, "cpu")
+    assert d.M[3].tolist() == [4, 5] and d.M[4].tolist() == [3, 4] and d.M[6].tolist() == [7, 3]
+    assert d._warm[:V].nonzero().view(-1).tolist() == [3, 4, 5, 6]  # 7 ends a document: still cold
+    history, lens = torch.tensor([[1, 3], [1, 7]]), torch.tensor([2, 2])
+    assert d.propose(history, lens, 2).count.tolist() == [2, 0]
+    d.observe(torch.tensor([[3]]), torch.eye(V)[[9]].view(1, 1, V), torch.tensor([1]))  # learning overwrites
+    assert d.M[3, 0].item() == 9
+    d.reset()
+    d.prepare(V, "cpu")
+    assert d.M[3].tolist() == [4, 5]  # reset starts over from the corpus
+    corpus.save(tmp_path / "c.npz")
+    assert TokenRecyclingDrafter(top_k=k, corpus=tmp_path / "c.npz")._corpus_rows[1].tolist() == \
+        d._corpus_rows[1].tolist()
+
+
+def test_corpus_errors():
+    from drafters.corpus import Corpus
+
+    with pytest.raises(ValueError, match="another tokenizer"):
+        TokenRecyclingDrafter(top_k=2, corpus=Corpus([[1, 30]], 40)).prepare(20, "cpu")
+    with pytest.raises(TypeError, match="corpus"):
+        TokenRecyclingDrafter(corpus=[[1, 2]])
+    with pytest.raises(ValueError, match="exceeds the corpus"):
+        TokenRecyclingDrafter(top_k=8, corpus=Corpus([[1, 2]], 4))
+    with pytest.raises(FileNotFoundError, match="specdec corpus"):
+        TokenRecyclingDrafter(corpus="/nonexistent/corpus.npz")
+
+
+def test_lossless_from_a_corpus(model, reference):
+    from drafters.corpus import Corpus
+
+    # A corpus holding continuations of the outputs, and one of noise: either way the output is AR's.
+    for docs in (reference, [[random.Random(i).randrange(64) for _ in range(50)] for i in range(4)]):
+        drafter = TokenRecyclingDrafter(corpus=Corpus(docs, 64))
+        out = specdec.generate(model, PROMPTS, max_new_tokens=24, drafter=drafter, num_draft_tokens=8)
+        assert out.token_ids == reference
