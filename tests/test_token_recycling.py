@@ -282,3 +282,45 @@ def test_lossless_from_a_corpus(model, reference):
         drafter = TokenRecyclingDrafter(corpus=Corpus(docs, 64))
         out = specdec.generate(model, PROMPTS, max_new_tokens=24, drafter=drafter, num_draft_tokens=8)
         assert out.token_ids == reference
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_start_writes_prompt_successors_newest_first(seed):
+    g = random.Random(seed)
+    V, k, B, T = g.choice([6, 30]), g.choice([1, 3, 5]), g.randint(1, 3), 12
+    d = TokenRecyclingDrafter(top_k=k)
+    d.prepare(V, "cpu")
+    d.M.copy_(torch.stack([torch.randperm(V, generator=torch.Generator().manual_seed(seed * 100 + t))[:k]
+                           for t in range(V)]))
+    warm = {t for t in range(V) if g.random() < 0.3}
+    d._warm[list(warm)] = True
+    before = d.M.tolist()
+    lens = torch.tensor([g.randint(1, T) for _ in range(B)])
+    history = torch.tensor([[g.randrange(V) for _ in range(T)] for _ in range(B)])
+    d.start(history, lens)
+    expect = [list(r) for r in before]
+    for b in range(B):  # one pair at a time, in reading order: u to the front of row t
+        row = history[b, : lens[b]].tolist()
+        for t, u in zip(row, row[1:]):
+            expect[t] = [u] + [x for x in expect[t] if x != u][: k - 1]
+            warm.add(t)
+    assert d.M.tolist() == expect
+    assert {t for t in range(V) if d._warm[t]} == warm
+    assert all(len(set(r)) == k for r in d.M.tolist())
+
+
+def test_from_prompt_off_leaves_the_matrix():
+    d = TokenRecyclingDrafter(top_k=3, from_prompt=False)
+    d.prepare(20, "cpu")
+    cold = d.M.clone()
+    d.start(torch.tensor([[1, 2, 3, 1, 4]]), torch.tensor([5]))
+    assert torch.equal(d.M, cold) and not d._warm.any()
+    with pytest.raises(TypeError, match="from_prompt"):
+        TokenRecyclingDrafter(from_prompt=1)
+
+
+def test_lossless_with_and_without_the_prompt(model, reference):
+    for from_prompt in (True, False):
+        out = specdec.generate(model, PROMPTS, max_new_tokens=24, num_draft_tokens=8,
+                               drafter=TokenRecyclingDrafter(from_prompt=from_prompt))
+        assert out.token_ids == reference
