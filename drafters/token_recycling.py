@@ -23,17 +23,17 @@ requests (`reset()` starts over). A cold row is the placeholder M[t, j] = (t + 1
 information, but distinct within a row, so a cold tree has no duplicate siblings; a request whose
 root's row is still cold gets no draft that step.
 
-Warm start from a corpus (an option; the paper starts cold and warms up over its queries). A
-server's matrix has seen earlier traffic; a benchmark's starts cold, and on the Spec-Bench sample
-of the README 31% of a cold run's roots still had no row. With `corpus` (the model's own
-responses, as SAM-Decoding's static automaton uses), row t starts as the k tokens that most often
-follow t there (ties to the smaller id; a row with fewer successors is topped up with the corpus's
-most frequent tokens). Those are the target's own greedy choices after t in other contexts, an
-estimate of what its top-k after t holds; every verification then overwrites rows as usual. An
-offline replay of that sample (every position as a root, K-node default template) found cold
-roots 31% -> 8.5% and mean accepted drafts at 4 / 8 nodes 0.51 -> 0.59 / 0.64 -> 0.75; filling
-rows from the target's logits over the corpus did no better (0.57 / 0.73) at the cost of a
-forward over it.
+Warm start from a corpus (our addition, an option; the paper starts cold and warms up over its
+queries). A server's matrix has seen earlier traffic; a benchmark's starts cold, and on the
+Spec-Bench sample of the README 31% of a cold run's roots still had no row. With `corpus` (the
+model's own responses, as SAM-Decoding's static automaton uses), row t starts as the k tokens that
+most often follow t there (ties to the smaller id; a row with fewer successors is topped up with
+the corpus's most frequent tokens). Those are the target's own greedy choices after t in other
+contexts, an estimate of what its top-k after t holds; every verification then overwrites rows as
+usual. An offline replay of that sample (every position as a root, K-node default template) found
+cold roots 31% -> 8.5% and mean accepted drafts at 4 / 8 nodes 0.51 -> 0.59 / 0.64 -> 0.75; filling
+rows from the target's logits over the corpus did no better (0.57 / 0.73) at the cost of a forward
+over it.
 
 The prompt (our addition; `from_prompt=False` turns it off). A request's own text is where its
 answer most often copies from, and the matrix never sees the prompt: verification forwards start
