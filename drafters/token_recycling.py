@@ -124,6 +124,8 @@ def corpus_rows(corpus: Corpus, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     cur = np.delete(corpus.tokens.astype(np.int64), ends)
     nxt = np.delete(np.roll(corpus.tokens.astype(np.int64), -1), ends)
     V = corpus.vocab_size
+    if cur.size == 0:  # one-token documents only: nothing follows anything
+        return np.zeros(0, dtype=np.int64), np.zeros((0, top_k), dtype=np.int64)
     pairs, counts = np.unique(cur * V + nxt, return_counts=True)
     first, then = pairs // V, pairs % V
     order = np.lexsort((then, -counts, first))  # by token, then count descending, then id
