@@ -6,6 +6,7 @@ import torch
 
 import specdec
 from drafters import Drafter, DraftTree, make_drafter
+from drafters.corpus import Corpus
 from drafters.hybrid import HybridDrafter
 from drafters.ngram import NgramDrafter
 from drafters.token_recycling import TokenRecyclingDrafter
@@ -185,8 +186,6 @@ def test_lossless_default_sam_primary(model, reference):
 
 
 def test_corpus_reaches_the_default_helper():
-    from drafters.corpus import Corpus
-
     corpus = Corpus([[3, 4, 3, 5]], 16)
     hybrid = HybridDrafter(corpus=corpus)
     assert hybrid.primary.corpus is corpus and hybrid.helper.corpus is corpus

@@ -8,7 +8,8 @@ import torch
 
 import specdec
 from drafters import make_drafter
-from drafters.token_recycling import TokenRecyclingDrafter, check_tree, default_tree
+from drafters.corpus import Corpus
+from drafters.token_recycling import TokenRecyclingDrafter, check_tree, corpus_rows, default_tree
 from tiny_models import tiny_model
 
 PROMPTS = [[5, 9, 11], [7] * 9, [3], [12, 40, 33, 8, 19], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
@@ -227,9 +228,6 @@ def brute_corpus_rows(docs, V, k):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_corpus_rows_match_brute_force(seed):
-    from drafters.corpus import Corpus
-    from drafters.token_recycling import corpus_rows
-
     g = random.Random(seed)
     V, k = g.choice([5, 12, 40]), g.choice([1, 3, 4])
     docs = [[g.randrange(V) for _ in range(g.randint(1, 30))] for _ in range(g.randint(1, 6))]
@@ -243,8 +241,6 @@ def test_corpus_rows_match_brute_force(seed):
 
 
 def test_corpus_warm_start(tmp_path):
-    from drafters.corpus import Corpus
-
     V, k = 20, 2
     corpus = Corpus([[3, 4, 3, 5, 3, 4], [6, 7]], V)
     d = TokenRecyclingDrafter(top_k=k, corpus=corpus)
@@ -264,8 +260,6 @@ def test_corpus_warm_start(tmp_path):
 
 
 def test_corpus_errors():
-    from drafters.corpus import Corpus
-
     with pytest.raises(ValueError, match="another tokenizer"):
         TokenRecyclingDrafter(top_k=2, corpus=Corpus([[1, 30]], 40)).prepare(20, "cpu")
     with pytest.raises(TypeError, match="corpus"):
@@ -277,8 +271,6 @@ def test_corpus_errors():
 
 
 def test_lossless_from_a_corpus(model, reference):
-    from drafters.corpus import Corpus
-
     # A corpus holding continuations of the outputs, and one of noise: either way the output is AR's.
     for docs in (reference, [[random.Random(i).randrange(64) for _ in range(50)] for i in range(4)]):
         drafter = TokenRecyclingDrafter(corpus=Corpus(docs, 64))
