@@ -7,6 +7,7 @@ plus `vocab_size`, and `sources`: the ids of the prompts it was built from, wher
 built from a question it measures (a drafter would retrieve the very answer it is timed on).
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,22 @@ class Corpus:
         self.offsets = np.concatenate([[0], np.cumsum([d.size for d in docs])]).astype(np.int64)
         self.vocab_size = int(vocab_size)
         self.sources = None if sources is None else [str(x) for x in sources]  # prompt ids, None: unknown
+
+    @classmethod
+    def of(cls, corpus) -> "Corpus | None":
+        """A drafter's `corpus` argument as a Corpus: None, a Corpus, or the path of a saved one."""
+        if isinstance(corpus, (str, os.PathLike)):
+            return cls.load(corpus)
+        if corpus is not None and not isinstance(corpus, cls):
+            raise TypeError(f"corpus must be None, a Corpus or a path, got {type(corpus).__name__}")
+        return corpus
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise unless every token id is inside the model's vocabulary."""
+        top = int(self.tokens.max())
+        if top >= vocab_size:
+            raise ValueError(f"corpus has token id {top} >= the model's vocab_size {vocab_size}: "
+                             "it was built with another tokenizer")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -18,8 +18,6 @@ start, observe, update, retain, finish) so their state stays current whichever s
 Shapes: B batch, T history width, K draft nodes.
 """
 
-from pathlib import Path
-
 import torch
 
 from drafters.base import Drafter, DraftTree
@@ -52,8 +50,7 @@ class HybridDrafter(Drafter):
             raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
         if corpus is not None and primary is not None and helper is not None:
             raise ValueError("corpus configures the default primary and helper; pass it to your own drafters instead")
-        if isinstance(corpus, (str, Path)):
-            corpus = Corpus.load(corpus)  # loaded once for both
+        corpus = Corpus.of(corpus)  # a path is loaded once, for both
         if primary is None:
             from drafters.suffix_automaton import SAMDrafter
 

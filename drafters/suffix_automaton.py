@@ -295,10 +295,7 @@ class SAMDrafter(Drafter):
     name = "sam"
 
     def __init__(self, corpus=None, max_draft=None, static_bias=5, length_scale=4, static_tree=True):
-        if isinstance(corpus, (str, Path)):
-            corpus = Corpus.load(corpus)
-        if corpus is not None and not isinstance(corpus, Corpus):
-            raise TypeError(f"corpus must be None, a Corpus or a path, got {type(corpus).__name__}")
+        corpus = Corpus.of(corpus)
         self.corpus = corpus
         self.max_draft = _int_option("max_draft", max_draft, 1, allow_none=True)
         self.static_bias = _int_option("static_bias", static_bias, -(2**62))
@@ -317,10 +314,7 @@ class SAMDrafter(Drafter):
         self.device = torch.device(device)
         if self.corpus is None:
             return
-        top = int(self.corpus.tokens.max())
-        if top >= vocab_size:
-            raise ValueError(f"corpus has token id {top} >= the model's vocab_size {vocab_size}: "
-                             "it was built with another tokenizer")
+        self.corpus.check_vocab(vocab_size)
         if self.index is None or self.index.device != self.device:
             self.index = StaticIndex(self._arrays, self.device)
 

@@ -44,7 +44,6 @@ Shapes: B batch, T history width, K draft nodes.
 
 import heapq
 import math
-import os
 from collections import deque
 
 import torch
@@ -366,11 +365,7 @@ class SuffixTreeDrafter(Drafter):
 
     def __init__(self, corpus=None, max_depth: int = 64, max_spec: int | None = None, alpha: float = 2.0,
                  offset: float = 0.0, min_token_prob: float = 0.1, max_global_sequences: int = 4096):
-        if isinstance(corpus, (str, os.PathLike)):
-            corpus = Corpus.load(corpus)
-        if corpus is not None and not isinstance(corpus, Corpus):
-            raise TypeError(f"corpus must be None, a Corpus or a path, got {type(corpus).__name__}")
-        self.corpus = corpus
+        self.corpus = Corpus.of(corpus)
         self.max_depth = _positive_int("max_depth", max_depth, 2)
         self.max_spec = None if max_spec is None else _positive_int("max_spec", max_spec)
         self.alpha = _real("alpha", alpha, 0.0)

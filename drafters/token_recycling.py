@@ -56,7 +56,6 @@ Shapes: B batch, T history width, V vocab, N verified nodes, K draft nodes, k ca
 """
 
 import heapq
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -160,10 +159,7 @@ class TokenRecyclingDrafter(Drafter):
     def __init__(self, top_k: int = 8, tree=None, corpus=None, from_prompt: bool = True):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-        if isinstance(corpus, (str, Path)):
-            corpus = Corpus.load(corpus)
-        if corpus is not None and not isinstance(corpus, Corpus):
-            raise TypeError(f"corpus must be None, a Corpus or a path, got {type(corpus).__name__}")
+        corpus = Corpus.of(corpus)
         if corpus is not None and top_k > corpus.vocab_size:
             raise ValueError(f"top_k ({top_k}) exceeds the corpus's vocabulary ({corpus.vocab_size})")
         if not isinstance(from_prompt, bool):
@@ -183,9 +179,8 @@ class TokenRecyclingDrafter(Drafter):
             return  # keep what earlier calls learned
         if self.top_k > vocab_size:
             raise ValueError(f"top_k ({self.top_k}) exceeds the vocabulary ({vocab_size})")
-        if self.corpus is not None and int(self.corpus.tokens.max()) >= vocab_size:
-            raise ValueError(f"corpus has token id {int(self.corpus.tokens.max())} >= the model's vocab_size "
-                             f"{vocab_size}: it was built with another tokenizer")
+        if self.corpus is not None:
+            self.corpus.check_vocab(vocab_size)
         j = torch.arange(self.top_k, device=device)
         t = torch.arange(vocab_size + 1, device=device).view(-1, 1)
         self._table = (t + 1 + j) % vocab_size  # (V + 1, k) cold placeholder
