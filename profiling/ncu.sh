@@ -9,6 +9,6 @@ out=profiling/results/ncu_${drafter}_b${batch}
 ncu --kernel-name regex:"_tree_attention_kernel|_merge_splits_kernel|_verify_kernel" --launch-skip 60 --launch-count 6 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     --force-overwrite -o "$out" \
-    python profiling/decode_once.py --drafter "$drafter" --batch "$batch" --max-new-tokens 32
+    "${PYTHON:-python3}" profiling/decode_once.py --drafter "$drafter" --batch "$batch" --max-new-tokens 32
 ncu --import "$out.ncu-rep" --page details --csv > "$out.csv"
 echo "wrote $out.ncu-rep and $out.csv"

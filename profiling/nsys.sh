@@ -9,5 +9,5 @@ out=profiling/results/nsys_${drafter}_b${batch}
 export SPECDEC_NVTX=1
 nsys profile --trace=cuda,nvtx,osrt --cuda-graph-trace=node --capture-range=none \
     --force-overwrite=true -o "$out" \
-    python profiling/decode_once.py --drafter "$drafter" --batch "$batch" --max-new-tokens 64
+    "${PYTHON:-python3}" profiling/decode_once.py --drafter "$drafter" --batch "$batch" --max-new-tokens 64
 nsys stats --report nvtx_sum,cuda_gpu_kern_sum --format table "$out.nsys-rep" | tee "$out.txt"
