@@ -192,3 +192,23 @@ def test_ragged_trees_run_packed_and_equal_each_alone(tiny):
         ref = tiny(tokens[b : b + 1, :n], alone, positions=positions[b : b + 1, :n], tree=tree[b : b + 1, :n, :n])
         torch.testing.assert_close(logits[b, :n], ref[0], atol=1e-5, rtol=1e-5)
         assert torch.all(logits[b, n:] == 0)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 1), (3,), (1, 4), (2, 3), (7,)])
+def test_prepacked_linear_equals_f_linear_at_every_row_count(shape):
+    """The oneDNN-packed path, padded below Linear.PAD_BELOW rows, returns exactly the rows asked
+    for, each equal to F.linear's."""
+    from specdec.model import Linear
+
+    g = torch.Generator().manual_seed(sum(shape))
+    layer = Linear(48, 80, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(80, 48, generator=g))
+    x = torch.randn(*shape, 48, generator=g)
+    ref = torch.nn.functional.linear(x, layer.weight)
+    layer.pack()
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.shape == (*shape, 80)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
