@@ -98,7 +98,7 @@ class Linear(nn.Linear):
     Fewer than PAD_BELOW rows are padded to PAD_ROWS (packed path only). oneDNN's kernels for one or
     two rows stream a packed weight slower than its kernel for five: on a 2-core EPYC, 30 cache-cold
     576x3072 weights took 344 / 375 us each at 1 / 2 rows and 304 us at 5, and the 49152-row output
-    layer 3.8 / 4.2 ms against 3.1 ms. Padded, a batch-1 decode step (AR's) ran 6% faster and a step
+    layer 3.8 / 4.2 ms against 3.1 ms. Padded, a batch-1 decode step (AR's) ran 6-7% faster and a step
     verifying one draft token 12% faster; 3 and 4 rows gained nothing, so they stay as they are.
     """
 
