@@ -119,9 +119,9 @@ def corpus_rows(corpus: Corpus, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens (R,), rows (R, top_k)) int64: for every token t followed by something in a corpus
     document, its top_k most frequent successors (count descending, then id ascending), topped up
     with the corpus's most frequent tokens not already in the row."""
+    text = corpus.tokens.astype(np.int64)
     ends = corpus.offsets[1:] - 1  # a document's last token has no successor in it
-    cur = np.delete(corpus.tokens.astype(np.int64), ends)
-    nxt = np.delete(np.roll(corpus.tokens.astype(np.int64), -1), ends)
+    cur, nxt = np.delete(text, ends), np.delete(np.roll(text, -1), ends)
     V = corpus.vocab_size
     if cur.size == 0:  # one-token documents only: nothing follows anything
         return np.zeros(0, dtype=np.int64), np.zeros((0, top_k), dtype=np.int64)
