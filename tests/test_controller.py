@@ -440,17 +440,41 @@ def test_asking_the_drafter_backs_off_where_it_does_not_pay_and_resumes_where_it
     assert fresh.worth_drafting(16)  # nothing learned yet: ask
 
 
-@pytest.mark.parametrize("d, every", [(0.03, 3), (0.0001, 1), (0.12, 12)])
-def test_a_cheap_look_at_a_drafter_that_does_not_pay_is_taken_often(d, every):
-    """Looks at a drafter that does not pay cost at most `look_budget` (1%) of the plain steps
-    between them: asking at 3% of a plain step, every third step; at 12%, every 12th once the
-    backoff (8, then 16) reaches that; almost free, every step."""
+@pytest.mark.parametrize("d, every, first", [(0.028, 3, 12), (0.0001, 1, 60), (0.12, 12, 3)])
+def test_a_cheap_look_at_a_drafter_that_does_not_pay_is_taken_often(d, every, first):
+    """A drafter that finds nothing is asked every step until its asks outweigh one accepted token
+    (a request's share of a plain step, 0.25 s at batch 4): 12 asks at 2.8% of a plain step, 3 at
+    12%, never at 0.01% (the sums fade by 0.95 an ask: they never pass 0.002 s). From then on, looks cost at
+    most `look_budget` (1%) of the plain steps between them: at 2.8% every third step; at 12% every
+    12th once the backoff (8, then 16) reaches that."""
     c = with_rate(0.9)
     c.cost = synthetic_cost(0.0)
     assert c.look_budget == 0.01
     asked = asking(c, d)(60, 0)
-    gaps = [b - a for a, b in zip(asked, asked[1:])]
-    assert gaps == [min(c.explore_every, every)] + [every] * (len(gaps) - 1)
+    assert asked[:first] == list(range(first))
+    gaps = [b - a for a, b in zip(asked[first - 1:], asked[first:])]
+    assert gaps == ([min(c.explore_every, every)] + [every] * (len(gaps) - 1) if gaps else [])
+
+
+def test_a_cheap_drafter_whose_tokens_come_now_and_then_is_asked_every_step():
+    """Batch 1, as on a 2-core CPU: an ask costs 3% of a plain step and 19 asks in 20 find nothing;
+    the 20th drafts and one token is accepted (a whole plain step saved, for 0.7 s of asking). Asking
+    pays, so every step asks. Negative control: the bare sums (without the one token of doubt)
+    give up on it right after its first empty asks."""
+    c = with_rate(0.9)
+    c.cost = synthetic_cost(0.0)  # a plain step costs 1 s
+    asked, bare = [], []
+    for i in range(200):
+        entry = c._ledger(1)
+        bare.append(entry.saved >= entry.spent)
+        asked.append(c.worth_drafting(1))
+        lucky = i % 20 == 19
+        n = 4 if lucky else 0
+        c.choose(1, count=torch.full((1,), n))
+        c.observe(torch.full((1,), n), torch.full((1,), int(lucky)), draft_seconds=0.03,
+                  step_seconds=1.03 + (0.1 if lucky else 0.0))
+    assert all(asked)
+    assert not all(bare[:20])
 
 
 def test_promises_that_verification_does_not_keep_raise_the_bar():
