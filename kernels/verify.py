@@ -395,33 +395,36 @@ def _after_reject(p, q, x, rej, siblings):
 
 
 def _verify_greedy(logits, tokens, parents, num_nodes) -> VerifyResult:
-    """The greedy rule alone (every request at temperature 0): one argmax over all nodes, then a
-    walk that follows, level by level, the first child whose token is its parent's argmax."""
-    B, N, _ = logits.shape
+    """The greedy rule alone (every request at temperature 0), without a walk: a node is accepted
+    when its token is its parent's argmax, no earlier sibling's is, and the same holds for each of
+    its ancestors. One argmax over all nodes, a sibling test, then the ancestors' verdicts folded
+    in by pointer jumping (log2 N rounds, not a round per level). At batch 1, 9 nodes, on a 2-core
+    CPU: 0.6 ms -> 0.4 ms, most of it the argmax over the vocabulary. Accepted nodes lie on one
+    path, so in index order they are in path order."""
+    B, N, V = logits.shape
     dev = logits.device
-    best = logits.argmax(-1)  # (B, N) the target's token after each node
-    valid = torch.arange(N, device=dev)[None, :] < num_nodes.to(dev).view(B, 1)
+    # (B, N) the target's token after each node (over rows of a 2-D view: on a CPU 1.5x faster)
+    best = logits.reshape(B * N, V).argmax(-1).view(B, N)
+    k = torch.arange(N, device=dev)
+    valid = k.view(1, N) < num_nodes.to(dev).view(B, 1)
     parents = torch.where(valid, parents.long(), -2)  # padding nodes are nobody's child
     hit = valid & (tokens.long() == best.gather(1, parents.clamp(min=0)))  # node matches its parent's argmax
     hit[:, 0] = False  # the root is never tested
-    nodes = torch.full((B, N), -1, dtype=torch.int64, device=dev)
-    length = torch.zeros(B, dtype=torch.int64, device=dev)
-    node = torch.zeros(B, dtype=torch.int64, device=dev)
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    k = torch.arange(N, device=dev).view(1, N)
-    for _ in range(N - 1):  # at most one level per node
-        child = hit & (parents == node.view(B, 1)) & active.view(B, 1)
-        adv = child.any(1)
-        if not bool(adv.any()):
-            break
-        chosen = torch.where(child, k, N).min(1).values  # siblings in index order: the first match
-        slot = length.clamp(max=N - 1).view(B, 1)
-        nodes.scatter_(1, slot, torch.where(adv.view(B, 1), chosen.view(B, 1), nodes.gather(1, slot)))
-        length += adv.long()
-        node = torch.where(adv, chosen, node)
-        active = adv
+    # an earlier sibling that matches too wins (siblings in index order): [b, i, j] j < i share a parent
+    earlier = (parents.view(B, N, 1) == parents.view(B, 1, N)) & (k.view(1, 1, N) < k.view(1, N, 1))
+    ok = hit & ~(earlier & hit.view(B, 1, N)).any(-1)
+    ok[:, 0] = True  # the root: every path's start
+    up = parents.clamp(min=0)  # a child of the root points at node 0, and so does node 0
+    for _ in range(max(N - 1, 1).bit_length()):  # after r rounds, ok folds in 2^r ancestors
+        ok = ok & ok.gather(1, up)
+        up = up.gather(1, up)
+    ok[:, 0] = False
+    length = ok.sum(1)
+    nodes = torch.where(ok, k.view(1, N), N).sort(1).values
+    nodes = torch.where(nodes < N, nodes, -1)
+    last = torch.where(ok, k.view(1, N), 0).max(1).values  # the deepest accepted node, or the root
     toks = torch.where(nodes >= 0, tokens.long().gather(1, nodes.clamp(min=0)), -1)
-    return VerifyResult(nodes, toks, length, best.gather(1, node.view(B, 1))[:, 0])
+    return VerifyResult(nodes, toks, length, best.gather(1, last.view(B, 1))[:, 0])
 
 
 def verify_reference(logits, tokens, parents, num_nodes, temperature, top_k, top_p, uniforms,

@@ -197,6 +197,11 @@ class KVCache(nn.Module):
         base = self.lens.long().view(B, 1)
         src = base + torch.where(keep, nodes.long(), j)  # rows past count copy onto themselves
         dst = base + j
+        # A path of the first nodes (every accepted chain) is in place already. On a CPU the test
+        # costs ~20 us and the copy ~0.4 ms (batch 1, SmolLM2-135M); on a GPU it would cost a sync.
+        if nodes.device.type == "cpu" and torch.equal(src, dst):
+            self.lens += count.to(self.lens.dtype)
+            return
         b = torch.arange(B, device=nodes.device).view(B, 1)
         for cache in (self.k, self.v):
             moved = cache[:, b, :, src]  # (B, K, L, Hkv, D): advanced indices come first

@@ -116,6 +116,28 @@ def test_commit_of_the_root_alone_keeps_it_in_place(tiny):
     torch.testing.assert_close(tiny(nxt, cache), tiny(nxt, ref), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("paths, counts, moves", [
+    ([[0, 1, 2, 3], [0, 1, -1, -1]], [4, 2], False),  # chains of the first nodes: already in place
+    ([[0, 1, 2, 3], [0, 2, 3, -1]], [4, 3], True),  # row 1 skips node 1: its nodes 2, 3 move down
+])
+def test_commit_moves_only_a_path_that_is_not_in_place(tiny, paths, counts, moves):
+    """Each row keeps its path's nodes, as if fed only them; where every row's path is its first
+    nodes, nothing is copied."""
+    x = ids(4, seed=42, batch=2)
+    tree = tree_from_parents(torch.tensor([[-1, 0, 1, 2], [-1, 0, 0, 2]]))  # a chain; a fork at the root
+    cache = tiny.new_cache(2, 16)
+    tiny(x, cache, positions=tree.sum(-1) - 1, tree=tree)
+    before = cache.k.clone()
+    cache.commit(torch.tensor(paths).clamp(min=0), torch.tensor(counts))
+    assert cache.lens.tolist() == counts
+    assert torch.equal(cache.k, before) != moves
+    for b, (path, n) in enumerate(zip(paths, counts)):
+        ref = tiny.new_cache(1, 16)
+        tiny(x[b : b + 1, path[:n]], ref)
+        torch.testing.assert_close(cache.k[:, b, :, :n], ref.k[:, 0, :, :n], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(cache.v[:, b, :, :n], ref.v[:, 0, :, :n], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("alive", [[1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 0], [0, 1, 0, 0, 0, 0]])
 def test_survivors_move_only_rows_past_the_new_batch(alive):
     from specdec.model import survivors
