@@ -18,12 +18,9 @@ same tokens) with its 95% interval, and the mean accepted tokens.
 """
 
 import argparse
-import datetime
-import json
 import math
 import types
 from collections import defaultdict
-from pathlib import Path
 
 import specdec
 from drafters import make_drafter
@@ -97,12 +94,8 @@ def main(argv=None):
         print(f"{v:12s} speed vs AR {r['paired_speedup']:.4f}{ci}  pairs {r['pairs']}  "
               f"mean accepted tokens {rows[-1]['mean_accepted_tokens']:.3f}")
     if a.out:
-        report = dict(settings=dict(model=model.name, device=bench.device_name(model.device), dtype=str(model.dtype),
-                                    drafter=a.drafter, batch=a.batch, requests=len(measured), rounds=a.rounds,
-                                    max_new_tokens=a.max_new_tokens, date=datetime.date.today().isoformat(),
-                                    timing="decode only, configurations interleaved per batch, order turning"),
-                      rows=rows)
-        Path(a.out).write_text(json.dumps(report, indent=1))
+        bench.write_rows(a.out, model, rows, drafter=a.drafter, batch=a.batch, requests=len(measured), rounds=a.rounds, max_new_tokens=a.max_new_tokens,
+                         timing="decode only, configurations interleaved per batch, order turning")
     return 0
 
 

@@ -13,12 +13,9 @@ step: the forward's milliseconds, the rest, and the paired ratio of decode time 
 """
 
 import argparse
-import datetime
-import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -110,12 +107,8 @@ def main(argv=None):
         print(f"{row['config']:32s} steps {s['steps']:5d}  forward {row['forward_ms_per_step']:6.2f} ms  "
               f"other {row['other_ms_per_step']:5.2f} ms  step {row['ms_per_step']:6.2f} ms{extra}")
     if a.out:
-        report = dict(settings=dict(model=model.name, device=bench.device_name(model.device), dtype=str(model.dtype),
-                                    batch=a.batch, requests=len(prompts), rounds=a.rounds,
-                                    max_new_tokens=a.max_new_tokens, date=datetime.date.today().isoformat(),
-                                    timing="decode only, configurations interleaved per batch, order turning"),
-                      rows=rows)
-        Path(a.out).write_text(json.dumps(report, indent=1))
+        bench.write_rows(a.out, model, rows, batch=a.batch, requests=len(prompts), rounds=a.rounds, max_new_tokens=a.max_new_tokens,
+                         timing="decode only, configurations interleaved per batch, order turning")
     return 0
 
 

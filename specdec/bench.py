@@ -139,10 +139,20 @@ def run(model, questions, drafters, max_new_tokens=128, num_draft_tokens=8, temp
                 row["outputs"].append(new)
                 history[m].append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)})
             rows.append(row)
-    return summarize(rows, [*methods, *hf], temperature, dict(
-        model=model.name, device=device_name(model.device), dtype=str(model.dtype).replace("torch.", ""),
-        max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, temperature=temperature,
-        questions=len(questions), threads=torch.get_num_threads(), date=datetime.date.today().isoformat()))
+    return summarize(rows, [*methods, *hf], temperature, run_settings(
+        model, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, temperature=temperature,
+        questions=len(questions), threads=torch.get_num_threads()))
+
+
+def run_settings(model, **fields) -> dict:
+    """A saved report's settings: the model, its device and dtype, then `fields`, then today's date."""
+    return dict(model=model.name, device=device_name(model.device), dtype=str(model.dtype).replace("torch.", ""),
+                **fields, date=datetime.date.today().isoformat())
+
+
+def write_rows(path, model, rows, **fields):
+    """A measurement's JSON report at `path`: {"settings": `run_settings(model, **fields)`, "rows": rows}."""
+    Path(path).write_text(json.dumps(dict(settings=run_settings(model, **fields), rows=rows), indent=1))
 
 
 def device_name(device) -> str:
@@ -358,11 +368,9 @@ def sweep(model, questions, drafters, batch_sizes, draft_lengths=(2, 4, 8), max_
 
     generate(model, "Say hello.", max_new_tokens=4)  # warm-up, untimed (and the controller's cost curve)
     generate(model, "Say hello.", max_new_tokens=4, drafter="ngram", num_draft_tokens="auto")
-    settings = dict(model=model.name, device=device_name(model.device), dtype=str(model.dtype).replace("torch.", ""),
-                    max_new_tokens=max_new_tokens, questions=len(questions), requests=requests, repeats=repeats,
-                    warmup_questions=len(warmup),
-                    timing="decode only (after prefill), configurations interleaved per batch, their order turning",
-                    date=datetime.date.today().isoformat())
+    settings = run_settings(model, max_new_tokens=max_new_tokens, questions=len(questions), requests=requests,
+                            repeats=repeats, warmup_questions=len(warmup),
+                            timing="decode only (after prefill), configurations interleaved per batch, their order turning")
     results = []
     for B in tqdm(batch_sizes, desc="batch sizes", disable=not progress):
         n = max(min(requests, len(prompts)), B)

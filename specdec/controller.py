@@ -553,7 +553,7 @@ class SpeculationController:
         often bad luck where each token is worth many asks. At batch 1 on a 2-core CPU an n-gram
         ask costs ~1 ms and a token saves ~34: asks found 0.07 tokens each in stretches the bare
         sums had given up on, twice what they cost, and skipping them lost 2% of the decode speed.
-        Where an ask is dear (a drafted step at batch 16 costs a third of a plain step, a token
+        Where an ask is dear (a drafted step at batch 16 costs a third of a plain step or more, a token
         saves a sixteenth) one fruitless ask still outweighs the token."""
         entry = self._ledger(batch_size)
         token = float(self.step_seconds(batch_size, 0)[0]) / batch_size
