@@ -1,1 +1,0 @@
-"""Triton kernels, each beside its plain PyTorch reference (also the CPU path)."""
