@@ -63,10 +63,15 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     model = specdec.load_model(a.model) if a.model else specdec.load_model()
-    questions = bench.round_robin(bench.load_questions(a.questions, per_category=5))
+    # enough questions for the measured requests and a warm-up batch, categories in turn (13 in Spec-Bench)
+    per_category = max(5, -(-(a.requests + a.batch) // 13))
+    questions = bench.round_robin(bench.load_questions(a.questions, per_category=per_category))
     prompts = [bench.conversation_ids(model.tokenizer, [{"role": "user", "content": q["turns"][0]}])
                for q in questions]
     measured, warm = prompts[: a.requests], prompts[a.requests : a.requests + a.batch]
+    if len(warm) < a.batch:
+        raise SystemExit(f"{len(prompts)} prompts: not enough for {a.requests} measured requests "
+                         f"and a warm-up batch of {a.batch}")
     variants = a.variants.split(",")
     base = make_drafter(a.drafter)
     specdec.generate(model, warm, a.max_new_tokens, drafter=base)  # untimed: warms the drafter and its controller
@@ -94,7 +99,8 @@ def main(argv=None):
         print(f"{v:12s} speed vs AR {r['paired_speedup']:.4f}{ci}  pairs {r['pairs']}  "
               f"mean accepted tokens {rows[-1]['mean_accepted_tokens']:.3f}")
     if a.out:
-        bench.write_rows(a.out, model, rows, drafter=a.drafter, batch=a.batch, requests=len(measured), rounds=a.rounds, max_new_tokens=a.max_new_tokens,
+        bench.write_rows(a.out, model, rows, drafter=a.drafter, batch=a.batch, requests=len(measured),
+                         rounds=a.rounds, max_new_tokens=a.max_new_tokens,
                          timing="decode only, configurations interleaved per batch, order turning")
     return 0
 

@@ -107,7 +107,8 @@ def main(argv=None):
         print(f"{row['config']:32s} steps {s['steps']:5d}  forward {row['forward_ms_per_step']:6.2f} ms  "
               f"other {row['other_ms_per_step']:5.2f} ms  step {row['ms_per_step']:6.2f} ms{extra}")
     if a.out:
-        bench.write_rows(a.out, model, rows, batch=a.batch, requests=len(prompts), rounds=a.rounds, max_new_tokens=a.max_new_tokens,
+        bench.write_rows(a.out, model, rows, batch=a.batch, requests=len(prompts), rounds=a.rounds,
+                         max_new_tokens=a.max_new_tokens,
                          timing="decode only, configurations interleaved per batch, order turning")
     return 0
 
