@@ -510,7 +510,7 @@ def test_a_second_node_is_expected_at_decay_times_the_first_not_its_square():
     s = AcceptanceStats(max_nodes=4, buckets=1, decay=0.8)
     for step in range(100):  # one node offered, accepted every fifth step
         s.record(torch.tensor([1]), torch.tensor([int(step % 5 == 0)]))
-    p = s.rates()[0]
+    p = s.rates()[0].tolist()
     assert p[0] == pytest.approx(0.2, abs=0.02)
     assert p[1] == pytest.approx(0.8 * p[0], rel=1e-6)
 
