@@ -28,6 +28,9 @@ def make_drafter(name, **options) -> Drafter:
         if options:
             raise TypeError(f"options {sorted(options)} given with a drafter instance")
         return name
+    if name == "none":
+        raise ValueError("'none' is plain autoregressive decoding, which needs no drafter: pass drafter='none' "
+                         "to specdec.generate")
     if name not in REGISTRY:
         raise ValueError(f"unknown drafter {name!r}: available: {['none', *sorted(REGISTRY)]}")
     return REGISTRY[name](**options)

@@ -262,6 +262,13 @@ def test_bad_input(model, kwargs, error, match):
         specdec.generate(model, PROMPTS[0], max_new_tokens=4, **kwargs)
 
 
+def test_make_drafter_says_none_is_not_a_drafter():
+    from drafters import make_drafter
+
+    with pytest.raises(ValueError, match="plain autoregressive decoding"):
+        make_drafter("none")
+
+
 # --- The sampled distribution -------------------------------------------------------------------------
 #
 # A tiny model with V = 8: the exact joint law of the first three generated tokens is computed by
