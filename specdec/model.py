@@ -10,7 +10,10 @@ Letters: B batch, N new tokens, S cache capacity, H query heads, Hkv KV heads,
 D head dim, E hidden size, F FFN size, V vocabulary, L layers.
 """
 
+import functools
 import math
+import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -95,15 +98,17 @@ class Linear(nn.Linear):
     then costs 2x one token. oneDNN's JIT with weights packed once for a batch of ~16 rows
     keeps a few-token forward close to the one-token cost (the verification cost curve).
 
-    Fewer than PAD_BELOW rows are padded to PAD_ROWS (packed path only). oneDNN's kernels for one or
-    two rows stream a packed weight slower than its kernel for five: on a 2-core EPYC, 30 cache-cold
-    576x3072 weights took 344 / 375 us each at 1 / 2 rows and 304 us at 5, and the 49152-row output
-    layer 3.8 / 4.2 ms against 3.1 ms. Padded, a batch-1 decode step (AR's) ran 6-7% faster and a step
-    verifying one draft token 12% faster; 3 and 4 rows gained nothing, so they stay as they are.
+    A product of M rows runs padded to pad_to[M] rows (packed path only; M past the table as it is).
+    oneDNN picks its kernel by row count, and which one streams a packed weight fastest differs from
+    machine to machine: on a 2-core EPYC on 2026-11-25 the kernels for one or two rows were ~10%
+    slower than the one for five (30 cache-cold 576x3072 weights: 344 / 375 us each at 1 / 2 rows,
+    304 us at 5), so padding made a decode step 6-7% faster; on the same kind of machine on
+    2026-12-04 one row took 36 ms over the model's weights and five 50 ms, and the same padding made
+    a decode step 26% slower. So the table is measured on the machine (`calibrate_padding`).
     """
 
     packed = None
-    PAD_BELOW, PAD_ROWS = 3, 5
+    pad_to: tuple = ()
 
     def pack(self, batch_hint: int = 16):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
@@ -113,8 +118,8 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight)
         rows = x.reshape(-1, x.shape[-1])
         M = rows.shape[0]
-        if M < self.PAD_BELOW:
-            rows = F.pad(rows, (0, 0, 0, self.PAD_ROWS - M))
+        if M < len(self.pad_to) and self.pad_to[M] > M:
+            rows = F.pad(rows, (0, 0, 0, self.pad_to[M] - M))
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
         return y[:M].view(*x.shape[:-1], -1)
 
@@ -128,6 +133,51 @@ def pack_for_cpu(net: nn.Module) -> bool:
         if isinstance(m, Linear):
             m.pack()
     return True
+
+
+def packed_linears(net: nn.Module) -> list:
+    """The net's prepacked Linears, in forward order."""
+    return [m for m in net.modules() if isinstance(m, Linear) and m.packed is not None]
+
+
+def set_padding(net: nn.Module, pad_to: tuple):
+    for m in packed_linears(net):
+        m.pad_to = tuple(pad_to)
+
+
+def _pass_seconds(linears: list, rows: int) -> float:
+    """One product of `rows` rows with every weight in turn, unpadded: the weights come from memory,
+    as in a forward (a model's weights outgrow the caches)."""
+    xs = [torch.randn(rows, m.in_features) for m in linears]
+    t = time.perf_counter()
+    for m, x in zip(linears, xs):
+        torch.ops.mkldnn._linear_pointwise(x, m.packed, None, "none", [], "")
+    return time.perf_counter() - t
+
+
+def calibrate_padding(net: nn.Module, max_rows: int = 4, max_pad: int = 8, rounds: int = 7, min_gain: float = 0.03,
+                      timer=None) -> tuple:
+    """Linear.pad_to for this machine: for M = 1..max_rows, the row count in M..max_pad at which a pass
+    over the net's packed weights takes least time, where that beats M rows by at least `min_gain`.
+
+    Every row count 1..max_pad is timed once a round, rounds interleaved (a spell of machine noise
+    falls on all alike; the first round warms up), and medians compared. timer(rows) -> seconds
+    replaces the measurement (tests). pad_to[0] is 0.
+    """
+    timer = timer or functools.partial(_pass_seconds, packed_linears(net))
+    runs = {n: [] for n in range(1, max_pad + 1)}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for n in runs:
+                t = timer(n)
+                if r:
+                    runs[n].append(t)
+    median = {n: statistics.median(v) for n, v in runs.items()}
+    pad_to = [0]
+    for M in range(1, max_rows + 1):
+        best = min(range(M, max_pad + 1), key=median.get)
+        pad_to.append(best if median[best] < (1 - min_gain) * median[M] else M)
+    return tuple(pad_to)
 
 
 class RMSNorm(nn.Module):

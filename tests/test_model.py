@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.tree_attention import tree_from_parents
-from tiny_models import hf_llama, ours_from_hf
+from tiny_models import hf_llama, ours_from_hf, tiny_model
 
 CONFIGS = {
     "mha": dict(heads=4, kv_heads=4),
@@ -217,10 +217,11 @@ def test_ragged_trees_run_packed_and_equal_each_alone(tiny):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("pad_to", [(), (0, 5, 5), (0, 1, 3, 3, 8)], ids=["unpadded", "1-2-to-5", "2-to-3-4-to-8"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 1), (3,), (1, 4), (2, 3), (7,)])
-def test_prepacked_linear_equals_f_linear_at_every_row_count(shape):
-    """The oneDNN-packed path, padded below Linear.PAD_BELOW rows, returns exactly the rows asked
-    for, each equal to F.linear's."""
+def test_prepacked_linear_equals_f_linear_at_every_row_count(shape, pad_to):
+    """The oneDNN-packed path, padded as pad_to says, returns exactly the rows asked for, each equal
+    to F.linear's."""
     from specdec.model import Linear
 
     g = torch.Generator().manual_seed(sum(shape))
@@ -230,7 +231,58 @@ def test_prepacked_linear_equals_f_linear_at_every_row_count(shape):
     x = torch.randn(*shape, 48, generator=g)
     ref = torch.nn.functional.linear(x, layer.weight)
     layer.pack()
+    layer.pad_to = pad_to
     with torch.inference_mode():
         out = layer(x)
     assert out.shape == (*shape, 80)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seconds, expected", [
+    # 1 and 2 rows slower than 5 (the machine of 2026-11-25): both padded to 5; 3 and 4 gain too little
+    ({1: 1.00, 2: 1.10, 3: 0.94, 4: 0.93, 5: 0.92, 6: 1.2, 7: 1.3, 8: 1.4}, (0, 5, 5, 3, 4)),
+    # cost rising with rows (2026-12-04): nothing padded
+    ({1: 0.36, 2: 0.40, 3: 0.41, 4: 0.49, 5: 0.50, 6: 0.54, 7: 0.57, 8: 0.59}, (0, 1, 2, 3, 4)),
+    # a faster count only 2% faster (inside min_gain): not padded
+    ({1: 1.00, 2: 0.98, 3: 1.5, 4: 1.6, 5: 1.7, 6: 1.8, 7: 1.9, 8: 2.0}, (0, 1, 2, 3, 4)),
+], ids=["pad-to-5", "rising", "within-min-gain"])
+def test_calibrated_padding_takes_the_fastest_row_count_that_beats_the_unpadded_one(seconds, expected):
+    from specdec.model import calibrate_padding
+
+    calls = []
+
+    def timer(rows):
+        calls.append(rows)
+        return seconds[rows]
+
+    assert calibrate_padding(None, rounds=3, timer=timer) == expected
+    assert calls == list(range(1, 9)) * 4  # every count once a round, interleaved, one warm-up round
+
+
+def test_calibrated_padding_uses_medians_not_single_runs():
+    """One slow spell on the unpadded count must not make padding look better."""
+    from specdec.model import calibrate_padding
+
+    runs = iter([1.0] * 8 + [5.0, *[0.9 + 0.1 * n for n in range(2, 9)]] + [0.5, *[0.9 + 0.1 * n for n in range(2, 9)]] * 2)
+    assert calibrate_padding(None, max_rows=1, rounds=3, timer=lambda rows: next(runs)) == (0, 1)
+
+
+def test_cpu_padding_is_measured_once_per_machine_and_shapes(tmp_path, monkeypatch):
+    from specdec import loading
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading, "PADDING_MIN_BYTES", 0)
+    calls = []
+    monkeypatch.setattr(loading, "calibrate_padding", lambda net: calls.append(net) or (0, 5, 5, 3, 4))
+    a, _ = tiny_model(), tiny_model(hidden=64, heads=4, kv_heads=2)
+    calls.clear()
+    assert loading.cpu_padding(a.net) == (0, 5, 5, 3, 4) and calls == []  # cached when a was built
+    assert [m.pad_to for m in (a.net.lm_head, a.net.layers[0].mlp.down)] == [(0, 5, 5, 3, 4)] * 2
+    assert len(list((tmp_path / "costs").glob("padding-*.json"))) == 2  # one per set of weight shapes
+
+
+def test_small_models_are_not_calibrated(monkeypatch):
+    from specdec import loading
+
+    monkeypatch.setattr(loading, "calibrate_padding", lambda net: pytest.fail("calibrated a test model"))
+    assert tiny_model().net.lm_head.pad_to == ()
