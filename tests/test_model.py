@@ -259,6 +259,19 @@ def test_calibrated_padding_takes_the_fastest_row_count_that_beats_the_unpadded_
     assert calls == list(range(1, 9)) * 4  # every count once a round, interleaved, one warm-up round
 
 
+def test_calibration_of_a_large_model_takes_fewer_rounds():
+    from specdec.model import calibrate_padding
+
+    calls = []
+
+    def timer(rows):  # a pass of 1 s: 8 s a round, so a 30 s budget allows 3 rounds, not 7
+        calls.append(rows)
+        return 1.0 + 0.01 * rows
+
+    assert calibrate_padding(None, timer=timer, budget_s=30.0) == (0, 1, 2, 3, 4)
+    assert len(calls) == 8 * (1 + 3)
+
+
 def test_calibrated_padding_uses_medians_not_single_runs():
     """One slow spell on the unpadded count must not make padding look better."""
     from specdec.model import calibrate_padding
