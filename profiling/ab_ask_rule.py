@@ -1,13 +1,17 @@
-"""When should "auto" ask the drafter? An in-process A/B of the rule that skips it, against AR.
+"""When should "auto" ask the drafter, and how much should it draft? An in-process A/B of the controller's
+rules, against AR.
 
     python profiling/ab_ask_rule.py --questions ../shared/data/spec_bench/question.jsonl \
         --drafter ngram --batch 1 --variants old,new,always,fixed4 [--rounds 2] [--out results/x.json]
 
-Variants of `SpeculationController.proposals_pay` (the verdict that asking the drafter has paid lately):
+Variants of `SpeculationController.proposals_pay` (the verdict that asking the drafter has paid lately)
+and of its calibration:
   new      the controller's own rule (since f3c89ea: the fading sums of what asking saved and cost,
            with one accepted token's worth of doubt in asking's favour)
   old      the rule before it: the bare sums
   always   asking always pays (the controller still sizes the drafts, and may draft nothing)
+  shared   the controller's own rule, without each request's own calibration factor (one kappa for
+           all requests, as before it had one per request)
   fixedK   no controller: K draft tokens every step
 Optional suffix on old/new/always: `@m` for sums fading by m an ask (default 0.95), e.g. new@0.98.
 
@@ -44,6 +48,8 @@ def configure(model, drafter, variant: str):
         controller.proposals_pay = types.MethodType(bare_sums, controller)
     elif rule == "always":
         controller.proposals_pay = lambda batch_size: True
+    elif rule == "shared":
+        controller.request_prior = None
     elif rule != "new":
         raise ValueError(f"unknown variant {variant!r}")
     return drafter, "auto"
@@ -91,13 +97,18 @@ def main(argv=None):
             for v in variants:
                 logs[v].append(math.log(seconds["none"] / seconds[v]))
     rows = []
+    first = variants[0]
     for v in variants:
         r = bench.paired_ratio(logs[v])
+        # against the first variant, on the same batches: the A/B itself, free of AR's own noise
+        f = bench.paired_ratio([x - y for x, y in zip(logs[v], logs[first])])
         rows.append(dict(variant=v, speed_vs_ar=r["paired_speedup"], ci95=r["paired_ci95"], pairs=r["pairs"],
+                         speed_vs_first=f["paired_speedup"], ci95_vs_first=f["paired_ci95"],
                          mean_accepted_tokens=sum(accepted[v]) / len(accepted[v])))
         ci = " ({:.3f}-{:.3f})".format(*r["paired_ci95"]) if r["paired_ci95"] else ""
-        print(f"{v:12s} speed vs AR {r['paired_speedup']:.4f}{ci}  pairs {r['pairs']}  "
-              f"mean accepted tokens {rows[-1]['mean_accepted_tokens']:.3f}")
+        vs = " ({:.3f}-{:.3f})".format(*f["paired_ci95"]) if v != first and f["paired_ci95"] else ""
+        print(f"{v:12s} speed vs AR {r['paired_speedup']:.4f}{ci}  vs {first} {f['paired_speedup']:.4f}{vs}  "
+              f"pairs {r['pairs']}  mean accepted tokens {rows[-1]['mean_accepted_tokens']:.3f}")
     if a.out:
         bench.write_rows(a.out, model, rows, drafter=a.drafter, batch=a.batch, requests=len(measured),
                          rounds=a.rounds, max_new_tokens=a.max_new_tokens,

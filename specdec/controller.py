@@ -375,6 +375,11 @@ class SpeculationController:
     tokens of agreement). Choosing the nodes whose estimates came out highest promises more than
     they deliver (selection bias), most where the estimates rest on few steps; kappa < 1 then
     raises the bar where a draft's gain is slim (larger batches), and barely moves it at batch 1.
+
+    Requests differ more than match lengths tell: a translation copies its source for hundreds of
+    tokens, a free answer matches four tokens of its prompt and leaves it. So each request of the
+    batch being decoded (`start`, `retain`) also has its own factor, the same ratio over its own
+    drafts, relative to what kappa predicted for them (a = `request_prior` tokens; None: off).
     """
 
     def __init__(self, cost: CostModel, max_k: int = 16, draft_seconds: float = 0.0, stats=None,
@@ -407,6 +412,12 @@ class SpeculationController:
         self.calibration_prior = 8.0
         self.promised = self.delivered = 0.0  # fading sums of expected and accepted draft tokens
         self._promise = None  # this step's expected accepted draft tokens, from `choose`
+        # Per request of the batch in flight: sums of the tokens its drafts were promised (after
+        # kappa) and of those accepted, fading by request_memory a step (a long answer may stop
+        # copying); None before `start`.
+        self.request_prior, self.request_memory = 4.0, 0.98
+        self._requests = None  # (2, B): promised, delivered
+        self._request_promise = None  # (B,) this step's promise per request, from `choose`
         # Per batch size: fading sums of the predicted and of the realized rate gains of drafted
         # steps. What kappa and the step-time fit leave uncorrected (a draft chosen because its
         # estimate came out high; acceptance and cost erring together) shows up here and raises
@@ -460,6 +471,23 @@ class SpeculationController:
         a = self.calibration_prior
         return (self.delivered + a) / (self.promised + a)
 
+    def start(self, batch_size: int):
+        """A new batch of requests: no record of their own yet."""
+        self._requests = np.zeros((2, batch_size))
+        self._request_promise = None
+
+    def retain(self, index: torch.Tensor):
+        """Requests left the batch: row i is now old row index[i] (as `Drafter.retain`)."""
+        if self._requests is not None:
+            self._requests = self._requests[:, index.cpu().numpy()]
+
+    def request_kappa(self, batch_size: int) -> np.ndarray:
+        """(B,) each request's accepted over promised draft tokens, shrunk toward 1."""
+        if self.request_prior is None or self._requests is None or self._requests.shape[1] != batch_size:
+            return np.ones(batch_size)
+        a = self.request_prior
+        return (self._requests[1] + a) / (self._requests[0] + a)
+
     def _allocate(self, e: np.ndarray, weights: np.ndarray, draft_seconds: float = 0.0):
         """Draft sizes (B,) maximizing sum_b w_b E_b(K_b) / (step seconds + d [any K_b > 0]), and
         that rate. e (B, max_k + 1): E_b(K), -inf where request b has no K-th node; weights (B,): w_b
@@ -495,11 +523,12 @@ class SpeculationController:
             k = np.arange(self.max_k + 1).reshape(1, -1)
             e = np.where(k <= count.cpu().numpy().reshape(-1, 1), e, -np.inf)
         self._weights = self.request_weights(batch_size, remaining)
-        sizes, rate = self._allocate(e, self._weights)
+        sizes, rate = self._allocate(e, self._weights * self.request_kappa(batch_size))
         plain_rate = batch_size / float(self.step_seconds(batch_size, 0)[0])
         self._predicted_gain = rate * (1 + self.margin(batch_size)) / plain_rate if int(sizes.sum()) else None
-        # uncalibrated E, as kappa measures it
-        self._promise = float((np.take_along_axis(e, sizes.numpy().reshape(-1, 1), 1) - 1).sum())
+        promise = np.take_along_axis(e, sizes.numpy().reshape(-1, 1), 1)[:, 0] - 1  # (B,) uncalibrated E
+        self._promise = float(promise.sum())  # as kappa measures it
+        self._request_promise = promise * self.kappa  # as each request's factor measures it
         return sizes
 
     def request_weights(self, batch_size: int, remaining=None) -> np.ndarray:
@@ -608,7 +637,8 @@ class SpeculationController:
         best = self.stats.table(self.max_k).numpy().max(axis=0)  # the most optimistic bucket, for every request
         gain = np.minimum.accumulate((best[1:] - best[:-1]) * self.kappa)
         # every request at the best bucket, each token at its request's worth, the likeliest nodes first
-        ranked = np.sort(np.outer(self.request_weights(batch_size, remaining), gain).ravel())[::-1]
+        worth = self.request_weights(batch_size, remaining) * self.request_kappa(batch_size)
+        ranked = np.sort(np.outer(worth, gain).ravel())[::-1]
         j, _ = self._best_total(ranked, batch_size, self.draft_seconds)
         return j > 0
 
@@ -648,6 +678,11 @@ class SpeculationController:
             self.promised = m * self.promised + self._promise
             self.delivered = m * self.delivered + got
             self._promise = None
+        if self._request_promise is not None and self._requests is not None and self._requests.shape[1] == B:
+            self._requests *= self.request_memory
+            self._requests[0] += self._request_promise
+            self._requests[1] += per_request.cpu().numpy()
+        self._request_promise = None
         if draft_seconds is not None:  # running mean per step
             self.draft_seconds = 0.9 * self.draft_seconds + 0.1 * draft_seconds
             if step_seconds:

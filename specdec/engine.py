@@ -236,6 +236,8 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
     yield s.ids.tolist(), [[t] for t in first.tolist()]
     drafter.prepare(model.config.vocab_size, device)
     drafter.start(s.history, s.lens)
+    if controller is not None:
+        controller.start(B)
     ids = s.ids.tolist()
     # Plain steps the drafter has not been shown yet (one token per request each): `update` waits
     # until the drafter is next used (propose, retain, finish), so a run of plain steps costs it
@@ -257,6 +259,8 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             s = s.keep(index)
             cache.reorder(index)
             drafter.retain(index)
+            if controller is not None:
+                controller.retain(index)
             ids = s.ids.tolist()
         Bn = s.ids.shape[0]
         t0 = time.perf_counter()

@@ -548,3 +548,64 @@ def test_request_weights_asked_twice_in_a_step_are_computed_once():
     assert again is not w and again.tolist() == w.tolist()
     c.fit.add(0.0, 0.5, False)  # a step later the fitted fixed work moved: recomputed
     assert c.request_weights(4, remaining) is not w
+
+
+def test_each_request_learns_its_own_factor():
+    """Two requests in one match-length bucket (firm estimates of 0.6 a chain node): one accepts all it
+    is offered, the other nothing. Each request's factor moves apart and the failing one stops
+    drafting; with per-request factors off both keep the same size (the control)."""
+    def run(request_prior):
+        c = with_rate(0.6)
+        c.cost = synthetic_cost(0.02)
+        c.request_prior = request_prior
+        c.stats.record = lambda *a, **k: None  # firm estimates: this tests the factors alone
+        c.start(2)
+        for _ in range(60):
+            sizes = c.choose(2)
+            c.observe(sizes, torch.stack([sizes[0], torch.tensor(0)]))
+        return c.choose(2).tolist(), c.request_kappa(2)
+
+    (good, bad), factor = run(4.0)
+    assert factor[0] > 1.5 and factor[1] < 0.2
+    assert good > 0 and bad == 0
+    (good, bad), factor = run(None)
+    assert good == bad > 0 and factor.tolist() == [1.0, 1.0]
+
+
+def test_a_request_keeps_its_factor_when_others_leave():
+    c = with_rate(0.6)
+    c.start(3)
+    c._requests[:] = [[10.0, 10.0, 10.0], [0.0, 10.0, 30.0]]
+    before = c.request_kappa(3)
+    c.retain(torch.tensor([2, 0]))
+    assert c.request_kappa(2).tolist() == [before[2], before[0]]
+    c.start(4)
+    assert c.request_kappa(4).tolist() == [1.0] * 4
+
+
+def test_the_engine_tells_the_controller_which_requests_stay(tmp_path, monkeypatch):
+    from drafters.ngram import NgramDrafter
+    from specdec.generate import make_controller
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path))
+    m = tiny_model(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, seed=3)
+    prompts = [[5, 9, 11, 5, 9], [7] * 9, [12, 40, 33, 8, 19]]
+    ar = specdec.generate(m, prompts, max_new_tokens=16).token_ids
+    # an EOS that ends the first request early and no other: a request leaves mid-batch
+    eos = next(t for t in ar[0][2:] if t not in ar[1] and t not in ar[2])
+    m.config.eos_token_ids = (eos,)
+    seen = {"drafter": [], "controller": []}
+
+    class Spy(NgramDrafter):
+        def retain(self, index):
+            seen["drafter"].append(index.tolist())
+            return super().retain(index)
+
+    spy = Spy()
+    controller = make_controller(m, "auto", spy)
+    real_retain = controller.retain
+    controller.retain = lambda index: seen["controller"].append(index.tolist()) or real_retain(index)
+    out = specdec.generate(m, prompts, max_new_tokens=16, drafter=spy, num_draft_tokens="auto")
+    assert out.token_ids == specdec.generate(m, prompts, max_new_tokens=16).token_ids
+    assert seen["controller"] == seen["drafter"] and seen["drafter"]
+    assert controller._requests.shape[1] == len(seen["drafter"][-1])
