@@ -34,7 +34,8 @@ class DraftTree:
     # probs[b, 0] the distribution the root's children were drawn from, probs[b, k + 1] node k's.
     probs: torch.Tensor | None = None
     siblings: str = "iid"  # how siblings were drawn from probs: "iid" or "without_replacement"
-    match_len: torch.Tensor | None = None  # (B,) int64, for drafters that match a suffix (controller input)
+    # (B,) int64, the controller's input: a suffix drafter's match length, Token Recycling's streak
+    match_len: torch.Tensor | None = None
 
     @staticmethod
     def empty(batch_size: int, device) -> "DraftTree":

@@ -47,6 +47,17 @@ offline replay above it raised mean accepted drafts at 4 / 8 nodes from 0.59 / 0
 0.93; writing the target's top-k at each prompt position instead (an lm_head over the whole
 prompt) reached 0.65 / 0.83.
 
+The streak (our addition; the controller's input, reported as the draft's `match_len`). Suffix
+drafters tell the controller how long their match is, and longer matches are accepted more; Token
+Recycling has no match, so every draft would look alike to the controller, a copied passage's and a
+free answer's. Its analog: how many tokens in a row the matrix, as it stood before the target saw
+them, had as the top-1 successor of the token before. In a passage the text has been through before
+(a copied source, a repeated list, a loop) the streak grows and deep drafts pay; elsewhere it is short
+and a few nodes are worth their cost. `observe` reads it off every verification before writing the
+matrix: the root's old top-1 against the target's choice after the root, then along the template's
+top-1 spine (rank 0 below rank 0) as far as the request's draft reaches. Where all of it agreed the
+streak grows by that many, else it starts again at 0. On device, no host sync.
+
 Template order: the default template is built best-first from a prior on how often the rank-r
 candidate is the target's next token (node score = product of its path's priors), so parents
 precede children, siblings come in rank order and EVERY PREFIX is the best tree of that size
@@ -172,6 +183,8 @@ class TokenRecyclingDrafter(Drafter):
         self.M = None  # (V, k) view of _table
         self._table = None  # (V + 1, k): row V is a sink for padding nodes' writes
         self._levels = {}  # (K, device) -> (template_levels, parents (K,)) of the K-node prefix
+        self._spines = {}  # (N, device) -> (node columns, parent columns) of the top-1 spine in an N-node tree
+        self._streak = None  # (B,) int64: see the module's docstring
 
     def prepare(self, vocab_size: int, device) -> None:
         device = torch.empty(0, device=device).device  # canonical: "cuda" -> "cuda:0"
@@ -197,6 +210,7 @@ class TokenRecyclingDrafter(Drafter):
 
     def start(self, history: torch.Tensor, lens: torch.Tensor) -> None:
         """Write the prompts' successors (see the module's docstring); one host round trip."""
+        self._streak = torch.zeros(history.shape[0], dtype=torch.int64, device=history.device)
         if not self.from_prompt or self.M is None:
             return
         k, n = self.top_k, lens.tolist()
@@ -216,10 +230,44 @@ class TokenRecyclingDrafter(Drafter):
         self._table[tokens] = torch.tensor(rows, dtype=torch.int64, device=self.M.device)
         self._warm[tokens] = True
 
+    def retain(self, index: torch.Tensor) -> None:
+        if self._streak is not None:
+            self._streak = self._streak[index]
+
+    def _spine(self, N: int, device):
+        """Verification columns (column 0 the root, column i + 1 draft node i) of the template's top-1
+        spine within N columns, below the root, and their parents' columns: (S,), (S,) int64."""
+        key = (N, device)
+        if key not in self._spines:
+            cols, parents, on_spine = [], [], {-1}
+            for i, (parent, rank) in enumerate(self.tree[: N - 1]):
+                if rank == 0 and parent in on_spine:
+                    on_spine.add(i)
+                    cols.append(i + 1)
+                    parents.append(parent + 1)
+            self._spines[key] = tuple(torch.tensor(x, dtype=torch.int64, device=device) for x in (cols, parents))
+        return self._spines[key]
+
+    def _advance_streak(self, tokens, top1, num_nodes):
+        """tokens (B, N) the verified tree, top1 (B, N) the target's choice after each node."""
+        B, N = tokens.shape
+        old = self.M[tokens[:, 0], 0]  # (B,) the root's top-1 before this step writes it
+        agree, count = (old == top1[:, 0]).view(B, 1), torch.ones(B, 1, dtype=torch.int64, device=tokens.device)
+        cols, parents = self._spine(N, tokens.device)
+        if cols.numel() > 1:  # deeper spine nodes a draft reached (its first is the root's old top-1)
+            reached = cols[1:].view(1, -1) < num_nodes.view(B, 1)  # (B, S - 1)
+            right = tokens[:, cols[1:]] == top1[:, parents[1:]]
+            agree = torch.cat([agree, right | ~reached], dim=1)
+            count = torch.cat([count, reached.long()], dim=1)
+        whole = agree.all(dim=1)
+        self._streak = torch.where(whole, self._streak + count.sum(dim=1), 0)
+
     def observe(self, tokens: torch.Tensor, logits: torch.Tensor, num_nodes: torch.Tensor) -> None:
         B, N = tokens.shape
         V = self.M.shape[0]
         cand = logits.topk(self.top_k, dim=-1).indices  # (B, N, k)
+        if self._streak is not None and self._streak.shape[0] == B:
+            self._advance_streak(tokens, cand[..., 0], num_nodes)
         valid = torch.arange(N, device=tokens.device).view(1, N) < num_nodes.view(B, 1)  # (B, N)
         # Padding nodes write to the sink row V: no mask-and-compact, so no host sync.
         rows = torch.where(valid, tokens, V).view(B * N)
@@ -247,4 +295,5 @@ class TokenRecyclingDrafter(Drafter):
         # A root whose row was never written has no candidates: no draft (verifying the cold
         # placeholder would only waste a forward's rows and teach the controller nothing).
         count = torch.where(self._warm[tok[:, 0]], K, 0)
-        return DraftTree(tok[:, 1:], parents.expand(B, K).contiguous(), count)
+        streak = self._streak if self._streak is not None and self._streak.shape[0] == B else None
+        return DraftTree(tok[:, 1:], parents.expand(B, K).contiguous(), count, match_len=streak)

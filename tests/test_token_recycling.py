@@ -318,3 +318,69 @@ def test_lossless_with_and_without_the_prompt(model, reference):
         out = specdec.generate(model, PROMPTS, max_new_tokens=24, num_draft_tokens=8,
                                drafter=TokenRecyclingDrafter(from_prompt=from_prompt))
         assert out.token_ids == reference
+
+
+def brute_streaks(M, steps, tree, B):
+    """The streak by hand: per step, the root's old top-1 against the target's choice after the root,
+    then the top-1 spine's nodes within the draft against the target's choice after their parents."""
+    M = [row[:] for row in M]
+    streak = [0] * B
+    for tokens, logits, num_nodes in steps:
+        top1 = logits.argmax(-1).tolist()
+        for b in range(B):
+            toks, n = tokens[b].tolist(), int(num_nodes[b])
+            checks = [M[toks[0]][0] == top1[b][0]]
+            spine = {-1}
+            for i, (parent, rank) in enumerate(tree[: n - 1]):
+                if rank == 0 and parent in spine:
+                    spine.add(i)
+                    if parent >= 0:  # the spine's first node is the root's old top-1, checked above
+                        checks.append(toks[i + 1] == top1[b][parent + 1])
+            streak[b] = streak[b] + len(checks) if all(checks) else 0
+        for b in range(B):  # then the step's writes, as observe makes them
+            for j in range(int(num_nodes[b])):
+                M[tokens[b, j].item()] = logits[b, j].topk(len(M[0])).indices.tolist()
+    return streak
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streak_counts_the_tokens_the_old_matrix_had_right(seed):
+    """Random trees whose nodes mostly follow the matrix's own top-1 and logits that mostly agree with
+    it (so streaks grow and break), against the streak computed by hand after every step."""
+    V, B, top_k = 12, 3, 3
+    g = torch.Generator().manual_seed(seed)
+    tree = default_tree(7, top_k)
+    d = TokenRecyclingDrafter(top_k=top_k, tree=tree, from_prompt=False)
+    d.prepare(V, "cpu")
+    d.start(torch.zeros(B, 4, dtype=torch.int64), torch.full((B,), 4))
+    cold, steps, seen = d.M.tolist(), [], set()
+    for step in range(12):
+        N = 1 if step % 3 == 0 else 1 + len(tree)
+        root = torch.randint(0, V, (B,), generator=g)
+        tokens = torch.zeros(B, N, dtype=torch.int64)
+        tokens[:, 0] = root
+        for i, (parent, rank) in enumerate(tree[: N - 1]):  # the draft as propose would read it
+            tokens[:, i + 1] = d.M[tokens[:, parent + 1], rank]
+        num_nodes = torch.randint(1, N + 1, (B,), generator=g)
+        logits = torch.randn(B, N, V, generator=g)
+        follow = torch.rand(B, N, generator=g) < 0.8  # the target mostly picks the old top-1
+        old_top1 = d.M[tokens, 0]
+        logits[follow] += 10 * torch.nn.functional.one_hot(old_top1[follow], V).float()
+        steps.append((tokens, logits, num_nodes))
+        d.observe(tokens, logits, num_nodes)
+        assert d._streak.tolist() == brute_streaks(cold, steps, tree, B), step
+        seen.update(d._streak.tolist())
+    assert max(seen) > 2 and 0 in seen  # streaks grew and broke
+
+
+def test_streak_follows_its_request_and_is_the_drafts_match_len():
+    d = TokenRecyclingDrafter(top_k=2, from_prompt=False)
+    d.prepare(10, "cpu")
+    history = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    d.start(history, torch.tensor([3, 3, 3]))
+    d._streak = torch.tensor([5, 0, 2])
+    d.retain(torch.tensor([2, 0]))
+    assert d._streak.tolist() == [2, 5]
+    d.observe(history[[2, 0], 2:], torch.randn(2, 1, 10), torch.tensor([1, 1]))  # warms the roots' rows
+    draft = d.propose(history[[2, 0]], torch.tensor([3, 3]), 4)
+    assert torch.equal(draft.match_len, d._streak)
