@@ -132,15 +132,15 @@ def cpu_padding(net: Transformer) -> tuple:
     linears = packed_linears(net)
     if sum(m.weight.numel() * m.weight.element_size() for m in linears) < PADDING_MIN_BYTES:
         return ()
-    shapes = [tuple(m.weight.shape) for m in linears]
-    key = hashlib.sha1(repr((device_name(net.device), torch.__version__, shapes)).encode()).hexdigest()[:16]
+    device, shapes = device_name(net.device), [tuple(m.weight.shape) for m in linears]
+    key = hashlib.sha1(repr((device, torch.__version__, shapes)).encode()).hexdigest()[:16]
     path = cache_dir() / "costs" / f"padding-v1-{key}.json"
     if path.exists():
         return tuple(json.loads(path.read_text())["pad_to"])
-    print("specdec: timing this CPU's matrix products by row count once (cached in " f"{path})", file=sys.stderr)
+    print(f"specdec: timing this CPU's matrix products by row count once (cached in {path})", file=sys.stderr)
     pad_to = calibrate_padding(net)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(device=device_name(net.device), torch=torch.__version__, pad_to=pad_to)))
+    path.write_text(json.dumps(dict(device=device, torch=torch.__version__, pad_to=pad_to)))
     return pad_to
 
 
