@@ -142,6 +142,9 @@ def test_bad_templates(tree, match):
 def test_bad_options():
     with pytest.raises(ValueError, match="top_k"):
         TokenRecyclingDrafter(top_k=0)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="chain_streak"):
+            TokenRecyclingDrafter(chain_streak=bad)
     with pytest.raises(ValueError, match="exceeds"):
         TokenRecyclingDrafter(top_k=8).prepare(4, "cpu")
 
@@ -320,16 +323,21 @@ def test_lossless_with_and_without_the_prompt(model, reference):
         assert out.token_ids == reference
 
 
-def brute_streaks(M, steps, tree, B):
+def brute_streaks(M, steps, tree, B, chained=None):
     """The streak by hand: per step, the root's old top-1 against the target's choice after the root,
-    then the top-1 spine's nodes within the draft against the target's choice after their parents."""
+    then the top-1 spine's nodes within the draft against the target's choice after their parents.
+    chained[s][b]: that step's draft of request b was a chain, every node on its spine."""
     M = [row[:] for row in M]
     streak = [0] * B
-    for tokens, logits, num_nodes in steps:
+    for s, (tokens, logits, num_nodes) in enumerate(steps):
         top1 = logits.argmax(-1).tolist()
         for b in range(B):
             toks, n = tokens[b].tolist(), int(num_nodes[b])
             checks = [M[toks[0]][0] == top1[b][0]]
+            if chained is not None and chained[s][b]:
+                checks += [toks[i + 1] == top1[b][i] for i in range(1, n - 1)]
+                streak[b] = streak[b] + len(checks) if all(checks) else 0
+                continue
             spine = {-1}
             for i, (parent, rank) in enumerate(tree[: n - 1]):
                 if rank == 0 and parent in spine:
@@ -384,3 +392,81 @@ def test_streak_follows_its_request_and_is_the_drafts_match_len():
     d.observe(history[[2, 0], 2:], torch.randn(2, 1, 10), torch.tensor([1, 1]))  # warms the roots' rows
     draft = d.propose(history[[2, 0]], torch.tensor([3, 3]), 4)
     assert torch.equal(draft.match_len, d._streak)
+
+
+def brute_chain(M, root, K):
+    tokens = [root]
+    for _ in range(K):
+        tokens.append(M[tokens[-1]][0])
+    return tokens[1:]
+
+
+@pytest.mark.parametrize("max_nodes", [1, 5, 16])
+def test_a_long_streak_drafts_the_top1_chain(max_nodes):
+    """Requests whose streak reached chain_streak draft root -> M[root, 0] -> ...; the others the
+    template's prefix, in the same batch."""
+    V, k, T = 37, 4, 9
+    d = TokenRecyclingDrafter(top_k=k, chain_streak=3, from_prompt=False)
+    d.prepare(V, "cpu")
+    g = random.Random(max_nodes)
+    d.M.copy_(torch.tensor([[g.randrange(V) for _ in range(k)] for _ in range(V)]))
+    d._warm.fill_(True)
+    history = torch.tensor([[g.randrange(V) for _ in range(T)] for _ in range(4)])
+    lens = torch.full((4,), T)
+    d.start(history, lens)
+    d._streak = torch.tensor([0, 2, 3, 9])
+    draft = d.propose(history, lens, max_nodes)
+    K, M = min(max_nodes, len(d.tree)), d.M.tolist()
+    assert_valid_tree(draft.parents, draft.count)
+    assert torch.equal(draft.match_len, d._streak)
+    for b, chained in enumerate([False, False, True, True]):
+        root = history[b, -1].item()
+        if chained:
+            assert draft.tokens[b].tolist() == brute_chain(M, root, K), b
+            assert draft.parents[b].tolist() == list(range(-1, K - 1)), b
+        else:
+            assert draft.tokens[b].tolist() == brute_tree(M, root, d.tree[:K]), b
+            assert draft.parents[b].tolist() == [p for p, _ in d.tree[:K]], b
+    off = TokenRecyclingDrafter(top_k=k, chain_streak=None, from_prompt=False)
+    off.prepare(V, "cpu")
+    off.M.copy_(d.M)
+    off._warm.fill_(True)
+    off.start(history, lens)
+    off._streak = torch.tensor([0, 2, 3, 9])
+    assert torch.equal(off.propose(history, lens, max_nodes).parents, torch.tensor([p for p, _ in d.tree[:K]]).expand(4, K))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streak_runs_along_a_chain(seed):
+    """Proposals from the drafter itself (chains where the streak is long, the template elsewhere),
+    logits that mostly agree with the old top-1: the streak after every step against the hand count."""
+    V, B, top_k, K = 12, 3, 3, 6
+    g = torch.Generator().manual_seed(seed)
+    tree = default_tree(7, top_k)
+    d = TokenRecyclingDrafter(top_k=top_k, tree=tree, from_prompt=False, chain_streak=2)
+    d.prepare(V, "cpu")
+    d._warm.fill_(True)
+    d.start(torch.zeros(B, 4, dtype=torch.int64), torch.full((B,), 4))
+    cold, steps, chained, seen = d.M.tolist(), [], [], set()
+    for step in range(14):
+        history = torch.randint(0, V, (B, 3), generator=g)
+        chained.append((d._streak >= 2).tolist())
+        draft = d.propose(history, torch.full((B,), 3), K)
+        tokens = torch.cat([history[:, -1:], draft.tokens], dim=1)
+        num_nodes = torch.randint(1, K + 2, (B,), generator=g)
+        logits = torch.randn(B, K + 1, V, generator=g)
+        follow = torch.rand(B, K + 1, generator=g) < 0.85
+        old_top1 = d.M[tokens, 0]
+        logits[follow] += 10 * torch.nn.functional.one_hot(old_top1[follow], V).float()
+        steps.append((tokens, logits, num_nodes))
+        d.observe(tokens, logits, num_nodes)
+        assert d._streak.tolist() == brute_streaks(cold, steps, tree, B, chained), step
+        seen.update(d._streak.tolist())
+    assert any(any(c) for c in chained) and max(seen) > K  # chains were drafted and went deep
+
+
+def test_lossless_with_chains(model, reference):
+    for chain_streak in (0, 2):
+        drafter = TokenRecyclingDrafter(chain_streak=chain_streak)
+        out = specdec.generate(model, PROMPTS, max_new_tokens=24, num_draft_tokens=8, drafter=drafter)
+        assert out.token_ids == reference

@@ -1,15 +1,20 @@
-"""Token Recycling with and without its streak (the draft's match_len, "auto"'s input), beside ngram, on
-the Spec-Bench sample: 2 questions per category, both turns, 96 new tokens a turn, interleaved per
-question in a turning order, whole generations timed, every output checked equal across the three.
+"""Token Recycling's variants beside ngram on the Spec-Bench sample: 2 questions per category, both
+turns, 96 new tokens a turn, interleaved per question in a turning order, whole generations timed,
+every output checked equal across the variants.
 
-    python profiling/ab_recycle_streak.py --questions ../shared/data/spec_bench/question.jsonl \
-        --corpus ~/.cache/specdec/corpus/SmolLM2-135M-Instruct.Q4_1.npz --out profiling/results/recycle_streak_ab_cpu.json
+    python profiling/ab_recycle.py --questions ../shared/data/spec_bench/question.jsonl \
+        --corpus ~/.cache/specdec/corpus/SmolLM2-135M-Instruct.Q4_1.npz \
+        --variants ngram,recycle,recycle:chain=off [--max-new-tokens 256] --out profiling/results/x.json
 
-Prints and writes the per-question paired ratios (geometric mean, 95% interval) and each method's
-tokens/s and mean accepted tokens. 15 minutes on a 2-core CPU.
+A variant is "ngram", "recycle" (its defaults), "recycle:chain=N" or "recycle:chain=off" (the top-1
+chain from a streak of N, or never) or "recycle:nostreak" (drafts that report no streak, so no chain
+either: Token Recycling before the streak). Prints and writes the per-question paired ratio of every
+pair of variants (geometric mean, 95% interval) and each one's tokens/s and mean accepted tokens.
+15 minutes for three variants on a 2-core CPU.
 """
 
 import argparse
+import itertools
 import json
 import math
 
@@ -27,6 +32,22 @@ class NoStreak(TokenRecyclingDrafter):
         draft = super().propose(history, lens, max_nodes)
         draft.match_len = None
         return draft
+
+
+def make_variant(name: str, corpus):
+    if name == "ngram":
+        return make_drafter("ngram")
+    kind, _, option = name.partition(":")
+    if kind != "recycle":
+        raise SystemExit(f"unknown variant {name!r}")
+    if option == "":
+        return TokenRecyclingDrafter(corpus=corpus)
+    if option == "nostreak":
+        return NoStreak(corpus=corpus, chain_streak=None)
+    if option.startswith("chain="):
+        value = option.removeprefix("chain=")
+        return TokenRecyclingDrafter(corpus=corpus, chain_streak=None if value == "off" else int(value))
+    raise SystemExit(f"unknown variant {name!r}")
 
 
 def decode_question(model, drafter, question, max_new_tokens) -> dict:
@@ -48,6 +69,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--questions", default=None, help="Spec-Bench question.jsonl (default: the built-in prompts)")
     p.add_argument("--corpus", default=None, help="corpus .npz (see `specdec corpus`)")
+    p.add_argument("--variants", default="ngram,recycle,recycle:chain=off")
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--out", default=None)
@@ -55,8 +77,7 @@ def main(argv=None):
 
     model = specdec.load_model()
     questions = bench.load_questions(a.questions, per_category=a.per_category)
-    drafters = {"ngram": make_drafter("ngram"), "recycle": TokenRecyclingDrafter(corpus=a.corpus),
-                "recycle-nostreak": NoStreak(corpus=a.corpus)}
+    drafters = {name: make_variant(name, a.corpus) for name in a.variants.split(",")}
     for d in drafters.values():  # untimed: first-call overheads, the controllers' cost curve
         generate(model, "Say hello.", max_new_tokens=4, drafter=d)
     rows = []
@@ -72,7 +93,7 @@ def main(argv=None):
         return r["tokens"] / r["seconds"]
 
     summary = {}
-    for x, y in (("recycle", "ngram"), ("recycle-nostreak", "ngram"), ("recycle", "recycle-nostreak")):
+    for y, x in itertools.combinations(drafters, 2):
         summary[f"{x}_vs_{y}"] = bench.paired_ratio([math.log(rate(r[x]) / rate(r[y])) for r in rows])
     for m in drafters:
         tokens = sum(r[m]["tokens"] for r in rows)
