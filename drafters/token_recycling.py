@@ -322,7 +322,8 @@ class TokenRecyclingDrafter(Drafter):
         self._chained = None
         if streak is not None and self.chain_streak is not None:
             chained = streak >= self.chain_streak  # (B,)
-            chain = tok.clone()
+            chain = torch.empty_like(tok)
+            chain[:, 0] = tok[:, 0]
             for i in range(K):  # one gather per depth: node i + 1 is the top-1 after node i
                 chain[:, i + 1] = self.M[chain[:, i], 0]
             tok = torch.where(chained.view(B, 1), chain, tok)

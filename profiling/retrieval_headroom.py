@@ -89,7 +89,7 @@ def replay(turns, corpus, contexts, max_nodes, step_cost, vocab_size):
                 future = out[i:-1]  # the last token comes as the target's own, whatever was drafted
                 if m.startswith("suffix"):
                     _, _, tokens, parents = drafter.draft_one(req, max_nodes)
-                    a = min(accepted_length(tokens, parents, future), len(future))
+                    a = accepted_length(tokens, parents, future)
                     nodes = len(tokens) if m == "suffix" else a  # pruned: verifies only what it keeps
                     acc["first_wrong"] += a == 0 and len(tokens) > 0
                 else:
