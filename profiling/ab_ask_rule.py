@@ -12,6 +12,8 @@ and of its calibration:
   always   asking always pays (the controller still sizes the drafts, and may draft nothing)
   shared   the controller's own rule, without each request's own calibration factor (one kappa for
            all requests, as before it had one per request)
+  verified the controller's own rule with its looks at a drafter that does not pay verified, as before
+           shadow looks (a drafted step each), not scored against the plain steps after them
   fixedK   no controller: K draft tokens every step
 Optional suffix on old/new/always: `@m` for sums fading by m an ask (default 0.95), e.g. new@0.98.
 
@@ -50,6 +52,8 @@ def configure(model, drafter, variant: str):
         controller.proposals_pay = lambda batch_size: True
     elif rule == "shared":
         controller.request_prior = None
+    elif rule == "verified":
+        controller.shadow_looks = False
     elif rule != "new":
         raise ValueError(f"unknown variant {variant!r}")
     return drafter, "auto"

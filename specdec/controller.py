@@ -353,9 +353,12 @@ class Ledger:
     interval: int = 8  # steps from one look to the next while it does not pay
     skipped: int = 0  # steps skipped since it was last asked
     wait: int = 0  # steps this run of skips lasts: min(interval, look_interval), set as it starts
+    look_seconds: float = 0.0  # what shadow looks cost (fading, as the sums above)
+    looks: float = 0.0  # shadow looks taken
 
     def copy(self) -> "Ledger":
-        return Ledger(self.saved, self.spent, self.asks, self.interval)
+        return Ledger(self.saved, self.spent, self.asks, self.interval, look_seconds=self.look_seconds,
+                      looks=self.looks)
 
 
 class SpeculationController:
@@ -367,7 +370,9 @@ class SpeculationController:
     drafted step's fixed extra v (all fitted online, `StepTimeFit`). Whether to call the drafter at
     all (`worth_drafting`) is decided by the drafting time d (a running mean) and by a ledger of
     what calling it has saved and cost lately at this batch size; once it has proposed, its time is
-    spent whatever the sizes.
+    spent whatever the sizes. Where calling it has not paid, it is looked at now and then, and the
+    engine scores a look's draft against the plain steps that follow instead of verifying it
+    (`shadow_looks`): what it would have saved is learned for the price of drafting.
 
     The numerator is calibrated on the controller's own record: every expected gain E_b(K) - 1
     is scaled by kappa = (accepted + a) / (promised + a), the draft tokens verification accepted
@@ -426,6 +431,16 @@ class SpeculationController:
         self.shortfall_prior, self.shortfall_memory = 8.0, 0.98
         self._predicted_gain = None  # this step's predicted rate gain over a plain step, from `choose`
         self._weights = None  # this step's request weights, from `choose`
+        # A look at a drafter that does not pay is a SHADOW look where the engine can score a draft
+        # without verifying it (`specdec.engine.shadow_verdict`: greedy, or a draft without
+        # probabilities): the drafter proposes, `choose_shadow` sizes the draft as a drafted step
+        # would, the engine takes a plain step, and the tokens the target goes on to produce give
+        # verification's verdict (`observe_shadow`). A look then costs the drafting alone, not a
+        # drafted step (the first extra token costs 10% of a plain step at batch 16 on a 2-core
+        # CPU), so looks come often (`look_interval`) and what they learn is learned for free: a
+        # request that starts copying at batch 16 is seen within a few steps.
+        self.shadow_looks = True
+        self.shadow_look = False  # whether the last `worth_drafting` that said yes was a shadow look
 
     @property
     def cost(self) -> CostModel:
@@ -608,9 +623,12 @@ class SpeculationController:
         missed for most of its answer); a dear one (a drafted step at batch 16 costing half a plain
         step) is spaced up to `explore_max`."""
         entry = self._ledger(batch_size)
-        if entry.asks <= 0:
+        if self.shadow_looks and entry.looks > 0:
+            per_look = entry.look_seconds / entry.looks
+        elif entry.asks <= 0:
             return self.explore_max
-        per_look = entry.spent / entry.asks
+        else:
+            per_look = entry.spent / entry.asks
         plain = float(self.step_seconds(batch_size, 0)[0])
         return max(1, min(self.explore_max, math.ceil(per_look / (self.look_budget * plain))))
 
@@ -621,9 +639,12 @@ class SpeculationController:
         repetitive is noticed: after `explore_every` skipped steps, then twice as many after each
         look that finds it still not paying, up to `explore_max`, or sooner where looking costs
         little (`look_interval`); once it pays, every step again. (At batch 16 on a 2-core CPU,
-        looks every 8 steps cost about 1% of the decode time and found nothing worth drafting 17
-        times in 20.) If not, the engine takes a plain AR step."""
+        verified looks every 8 steps cost about 1% of the decode time and found nothing worth
+        drafting 17 times in 20.) A look is a shadow look (`shadow_look`, see `shadow_looks`) where
+        those are on: it is taken whatever the best bucket promises, since it costs only the
+        drafting. If not, the engine takes a plain AR step."""
         entry = self._ledger(batch_size)
+        self.shadow_look = False
         if self.proposals_pay(batch_size):
             entry.interval = self.explore_every
         else:
@@ -633,6 +654,10 @@ class SpeculationController:
                 entry.skipped += 1
                 return False
             entry.interval = min(2 * entry.interval, self.explore_max)  # a look: the next one comes later unless it pays
+            if self.shadow_looks:  # a shadow look costs only the drafting: take it whatever it promises
+                entry.skipped = 0
+                self.shadow_look = True
+                return True
         entry.skipped = 0
         best = self.stats.table(self.max_k).numpy().max(axis=0)  # the most optimistic bucket, for every request
         gain = np.minimum.accumulate((best[1:] - best[:-1]) * self.kappa)
@@ -641,6 +666,49 @@ class SpeculationController:
         ranked = np.sort(np.outer(worth, gain).ravel())[::-1]
         j, _ = self._best_total(ranked, batch_size, self.draft_seconds)
         return j > 0
+
+    def choose_shadow(self, batch_size: int, match_len=None, count=None, remaining=None) -> dict:
+        """`choose` for a shadow look: the sizes a drafted step would have had, and what `observe`
+        would have read of them, kept for `observe_shadow` (the step itself is a plain one)."""
+        sizes = self.choose(batch_size, match_len, count, remaining)
+        record = dict(sizes=sizes, promise=self._promise, request_promise=self._request_promise,
+                      weights=self._weights)
+        self._promise = self._request_promise = self._predicted_gain = self._weights = None
+        return record
+
+    def observe_shadow(self, record: dict, known, on_path, match_len=None, look_seconds: float = 0.0,
+                       settled: bool = True):
+        """A shadow look's draft scored on the tokens the target produced after it: known (B,) its
+        leading nodes with a verdict, on_path (B, K) bool as `AcceptanceStats.record` reads it;
+        look_seconds what the look cost. Every node with a verdict goes into the acceptance
+        statistics. Where every verdict is in (`settled`), the sizes `choose_shadow` picked are
+        scored as a drafted step's would be (kappa, each request's factor) and the ledger is told
+        what drafting them would have saved and cost: the accepted tokens at their requests'
+        worth, against the look plus the predicted price of verifying them."""
+        self.stats.record(known, on_path, match_len)
+        self.draft_seconds = 0.9 * self.draft_seconds + 0.1 * look_seconds
+        sizes = record["sizes"].to(on_path.device)
+        B, K = on_path.shape
+        entry, m = self._ledger(B), self.ledger_memory
+        entry.look_seconds = m * entry.look_seconds + look_seconds
+        entry.looks = m * entry.looks + 1
+        if not settled:
+            return
+        k = torch.arange(K, device=on_path.device).view(1, K)
+        per_request = (on_path & (k < sizes.view(B, 1))).sum(dim=1).cpu().numpy()  # accepted of the sized draft
+        m_stats = self.stats.memory
+        self.promised = m_stats * self.promised + record["promise"]
+        self.delivered = m_stats * self.delivered + float(per_request.sum())
+        if self._requests is not None and self._requests.shape[1] == B:
+            self._requests *= self.request_memory
+            self._requests[0] += record["request_promise"]
+            self._requests[1] += per_request
+        weights = record["weights"]
+        worth = float((per_request * (1.0 if weights is None else weights)).sum())
+        seconds = self.step_seconds(B, int(sizes.sum()))
+        entry.saved = m * entry.saved + worth * float(seconds[0]) / B
+        entry.spent = m * entry.spent + look_seconds + float(seconds[-1] - seconds[0])
+        entry.asks = m * entry.asks + 1
 
     def observe_plain(self, batch_size: int, step_seconds=None):
         """A step that did not ask the drafter: what `observe` does with nothing drafted and no

@@ -91,6 +91,55 @@ def pack(roots: torch.Tensor, draft: DraftTree, width: int):
     return tokens, parents, num_nodes
 
 
+@dataclass
+class Shadow:
+    """A draft proposed at a look but not verified: the plain steps after it score it instead."""
+
+    draft: DraftTree
+    start: torch.Tensor  # (B,) history lengths when it was proposed
+    depth: int  # its deepest node: the plain steps that settle every verdict
+    record: dict  # the controller's sizing of it (`SpeculationController.choose_shadow`)
+    seconds: float  # what the look cost (drafting and sizing)
+    steps: int = 0  # plain steps taken since
+
+
+def draft_depth(draft: DraftTree) -> int:
+    """The depth of the deepest real node of any request's draft (one host sync)."""
+    B, K = draft.tokens.shape
+    if K == 0:
+        return 0
+    valid = torch.arange(K, device=draft.count.device).view(1, K) < draft.count.view(B, 1)
+    depth = tree_from_parents(torch.where(valid, draft.parents, -1)).sum(-1)  # (B, K)
+    return int(torch.where(valid, depth, 0).max())
+
+
+def shadow_verdict(draft: DraftTree, start: torch.Tensor, history: torch.Tensor, lens: torch.Tensor):
+    """What verification would have said of a draft proposed when request b had start[b] tokens,
+    read off the tokens the target produced since (history[b, start[b]:lens[b]]).
+
+    Greedy, this is verification's verdict exactly: a node is accepted iff it and its ancestors
+    equal the target's choices along the way. Sampling, for a draft without probabilities, it has
+    the same distribution: verification accepts node token x with probability p(x), the target's
+    probability of x, which is the probability that its sample is x.
+
+    Returns on_path (B, K) bool, draft node k on the target's path, and known (B,) int64, how many
+    leading nodes have a verdict: a node deeper than the tokens produced has none, unless one of
+    its ancestors already missed."""
+    B, K = draft.tokens.shape
+    k = torch.arange(K, device=start.device).view(1, K)
+    valid = k < draft.count.view(B, 1)
+    anc = tree_from_parents(torch.where(valid, draft.parents, -1))  # (B, K, K) ancestor-or-self
+    depth = anc.sum(-1)  # (B, K), 1 for a child of the root
+    made = (lens - start).view(B, 1)  # tokens produced since
+    actual = history.gather(1, (start.view(B, 1) + depth - 1).clamp(max=history.shape[1] - 1))
+    seen = depth <= made
+    hit = seen & (draft.tokens == actual)  # (B, K)
+    on_path = valid & ~(anc & ~hit.view(B, 1, K)).any(-1)  # every ancestor-or-self hit
+    known = seen | (anc & (seen & ~hit).view(B, 1, K)).any(-1)
+    known = torch.cumprod((known | ~valid).long(), dim=1).sum(1)  # the leading run
+    return on_path, torch.minimum(known, draft.count)
+
+
 def verify_forward(net, cache, tokens, tree, depth, num_nodes):
     """One forward over every request's tree (depth (B, N) of each node): logits (B, N, V)."""
     positions = cache.lens.long().view(-1, 1) + depth
@@ -250,9 +299,24 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             drafter.update(s.history, s.lens, torch.full((s.ids.shape[0],), unseen, dtype=torch.int64, device=device))
             unseen = 0
 
+    # A look at a drafter that has not paid lately, where its draft can be scored without verifying
+    # it (greedy, or a draft without probabilities): sized as "auto" would, then scored against the
+    # plain steps that follow (`shadow_verdict`). The look costs the drafting, not a drafted step.
+    shadow = None
+    can_shadow = params.greedy
+
+    def score_shadow():
+        nonlocal shadow
+        on_path, known = shadow_verdict(shadow.draft, shadow.start, s.history, s.lens)
+        controller.observe_shadow(shadow.record, known, on_path, shadow.draft.match_len, shadow.seconds,
+                                  settled=shadow.steps >= shadow.depth)
+        shadow = None
+
     while True:
         if bool(done.any()):
             show_drafter()  # the leavers' last tokens, before it drops them
+            if shadow is not None:  # scored with the tokens there are: rows are about to move
+                score_shadow()
             index = survivors(~done)  # a request's row may change: s.ids follows it
             if index.numel() == 0:
                 break
@@ -264,16 +328,24 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             ids = s.ids.tolist()
         Bn = s.ids.shape[0]
         t0 = time.perf_counter()
+        looked = 0.0  # a shadow look's seconds, this step's
         with nvtx_range("draft"):
             budget = int(min(K, max_new_tokens - 1))  # drafts past the token budget are wasted
             # tokens each request has left: the batch ends when its last request does
             remaining = None if controller is None else max_new_tokens - s.generated
-            if controller is not None and not controller.worth_drafting(Bn, remaining):
+            if controller is not None and (shadow is not None or not controller.worth_drafting(Bn, remaining)):
                 budget = 0  # verification is too dear at this batch size: a plain AR step
             if budget > 0:
                 show_drafter()
                 draft = drafter.propose(s.history, s.lens, budget)
-                if controller is not None:
+                if controller is not None and controller.shadow_look and (can_shadow or draft.probs is None):
+                    record = controller.choose_shadow(Bn, draft.match_len, draft.count, remaining)
+                    looked = time.perf_counter() - t0
+                    kept = DraftTree(draft.tokens.clone(), draft.parents.clone(), draft.count.clone(),
+                                     match_len=None if draft.match_len is None else draft.match_len.clone())
+                    shadow = Shadow(kept, s.lens.clone(), draft_depth(kept), record, looked)
+                    budget = 0  # scored against the plain steps that follow, not verified
+                elif controller is not None:
                     draft = truncate(draft, controller.choose(Bn, draft.match_len, draft.count, remaining))
             # the verification tree's width (one host sync; none when nothing was proposed)
             width = int(draft.count.max()) if budget > 0 else 0
@@ -289,12 +361,16 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             if width == 0:
                 unseen += 1
                 new = [[t] for t in step.out[:, 0].tolist()]
+                if shadow is not None:
+                    shadow.steps += 1
+                    if shadow.steps >= shadow.depth:
+                        score_shadow()
             else:
                 drafter.update(s.history, s.lens, count)
                 new = [row[:c] for row, c in zip(step.out.tolist(), count.tolist())]
         t3 = time.perf_counter()
-        if controller is not None and budget == 0:
-            controller.observe_plain(Bn, t3 - t0)
+        if controller is not None and budget == 0:  # a shadow look's drafting is the look's, not the step's
+            controller.observe_plain(Bn, t3 - t0 - looked)
         elif controller is not None:
             controller.observe(draft.count, step.on_path, draft.match_len, t1 - t0 + t_obs, t3 - t0)
         stats.steps += 1

@@ -609,3 +609,42 @@ def test_the_engine_tells_the_controller_which_requests_stay(tmp_path, monkeypat
     assert out.token_ids == specdec.generate(m, prompts, max_new_tokens=16).token_ids
     assert seen["controller"] == seen["drafter"] and seen["drafter"]
     assert controller._requests.shape[1] == len(seen["drafter"][-1])
+
+
+def test_a_shadow_look_costs_the_drafting_and_tells_the_ledger_what_drafting_would_have_done():
+    """At a look at a drafter that has not paid (batch 4, plain step 1.04 s, each extra token 0.01 s),
+    the draft is sized as a drafted step would be, and its verdicts, read off the tokens that came,
+    go to the ledger as that step's: the accepted tokens' worth saved, the look plus the predicted
+    price of the sized draft spent. Looks are then spaced by what a look costs (`look_budget`), and
+    one whose draft would have paid turns the ledger: the next ask is a real one."""
+    import math
+
+    from specdec.controller import Ledger
+
+    c = with_rate(0.9)
+    c.cost = synthetic_cost(0.01)
+    B, m = 4, c.ledger_memory
+    c.ledger[B] = Ledger(saved=0.0, spent=2.0, asks=20.0, interval=8)
+    assert [c.worth_drafting(B) for _ in range(8)] == [False] * 7 + [True] and c.shadow_look
+    record = c.choose_shadow(B, count=torch.full((B,), 4))
+    assert record["sizes"].tolist() == [4] * B
+    assert c._promise is None and c._weights is None  # the step itself is a plain one
+    tries = float(c.stats.tries.sum())
+    c.observe_shadow(record, torch.full((B,), 4), torch.zeros(B, 4, dtype=torch.bool), look_seconds=0.02)
+    assert float(c.stats.tries.sum()) == pytest.approx(tries * c.stats.memory + 16)
+    plain, drafted = c.step_seconds(B, 16)[[0, -1]]
+    entry = c.ledger[B]
+    assert entry.saved == 0.0 and entry.spent == pytest.approx(m * 2.0 + 0.02 + drafted - plain)
+    assert entry.looks == 1.0 and c.look_interval(B) == math.ceil(0.02 / (c.look_budget * plain)) == 2
+
+    # a look before every verdict is in (requests left the batch) teaches the statistics alone
+    c.observe_shadow(record, torch.full((B,), 2), torch.zeros(B, 4, dtype=torch.bool), look_seconds=0.02,
+                     settled=False)
+    assert c.ledger[B].asks == pytest.approx(m * 20 + 1)
+
+    asked = [c.worth_drafting(B) for _ in range(2)]
+    assert asked == [False, True] and c.shadow_look  # every second step: a look costs 2% of a step
+    record = c.choose_shadow(B, count=torch.full((B,), 4))
+    c.observe_shadow(record, torch.full((B,), 4), torch.ones(B, 4, dtype=torch.bool), look_seconds=0.02)
+    assert c.proposals_pay(B)
+    assert c.worth_drafting(B) and not c.shadow_look

@@ -359,3 +359,121 @@ def test_negative_control_wrong_acceptance_is_detected(small, monkeypatch):
     p = g_test(sampled_counts(small, prompt, T, Chains(6, vocab=SMALL_V), temp), expected)
     print(f"negative control G-test p = {p:.3g}")
     assert p < 1e-4, p
+
+
+# Shadow looks: a draft scored against the plain steps after it instead of verified.
+
+
+def path_to(parents, k):
+    """Node k's path from the root's child down: node path[i] sits at depth i + 1."""
+    nodes = []
+    while k >= 0:
+        nodes.append(k)
+        k = parents[k]
+    return nodes[::-1]
+
+
+def brute_force_verdict(parents, tokens, count, start, seq, made):
+    """Node k of one request's draft: on the target's path iff it and every ancestor equal the
+    target's token at its depth; known iff it lies within the `made` tokens produced, or an ancestor
+    there missed. Returns (on_path list, leading known nodes)."""
+    on, known = [], []
+    for k in range(len(tokens)):
+        if k >= count:
+            on.append(False), known.append(True)
+            continue
+        p = path_to(parents, k)
+        hits = [i < made and tokens[n] == seq[start + i] for i, n in enumerate(p)]
+        on.append(len(p) <= made and all(hits))
+        known.append(len(p) <= made or any(i < made and not h for i, h in enumerate(hits)))
+    lead = 0
+    while lead < len(known) and known[lead]:
+        lead += 1
+    return on, min(lead, count)
+
+
+@pytest.mark.parametrize("made", [0, 1, 3, 9])
+def test_shadow_verdict_is_verifications_on_the_tokens_that_came(made):
+    """Random trees over a 5-token alphabet, half their tokens the right ones for some depth: every
+    node's verdict and the leading run of known verdicts equal a brute force over each node's path.
+    Negative control: a verdict that checks each node's own token alone (not its ancestors')
+    disagrees with the brute force here."""
+    g = torch.Generator().manual_seed(made)
+    B, K, T = 6, 9, 40
+    history = torch.randint(0, 5, (B, T), generator=g)
+    start = torch.randint(1, 20, (B,), generator=g)
+    lens = start + made
+    parents = (torch.rand(B, K, generator=g) * (torch.arange(K) + 1)).long() - 1
+    right = history.gather(1, (start.view(B, 1) + torch.randint(0, 4, (B, K), generator=g)).clamp(max=T - 1))
+    tokens = torch.where(torch.rand(B, K, generator=g) < 0.5, right, torch.randint(0, 5, (B, K), generator=g))
+    count = torch.randint(0, K + 1, (B,), generator=g)
+    count[0] = K
+    draft = DraftTree(tokens, parents, count)
+    on_path, known = engine.shadow_verdict(draft, start, history, lens)
+    own_token_only_differs = False
+    for b in range(B):
+        par, tok, seq, s0 = parents[b].tolist(), tokens[b].tolist(), history[b].tolist(), int(start[b])
+        expect_on, expect_known = brute_force_verdict(par, tok, int(count[b]), s0, seq, made)
+        assert on_path[b].tolist() == expect_on, b
+        assert int(known[b]) == expect_known, b
+        for k in range(int(count[b])):
+            d = len(path_to(par, k))
+            own = d <= made and tok[k] == seq[s0 + d - 1]
+            own_token_only_differs |= own != expect_on[k]
+    assert own_token_only_differs == (made >= 3)
+    assert engine.draft_depth(draft) == max(len(path_to(parents[b].tolist(), k))
+                                            for b in range(B) for k in range(int(count[b])))
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_shadow_looks_score_drafts_as_verification_would_and_stay_lossless(model, reference, monkeypatch, right):
+    """"auto" with a drafter that never pays has every look taken as a shadow look: nothing is
+    verified (every step a plain one), the output is AR's, and each look's verdicts equal a brute
+    force over the target's real continuation of that request."""
+    seqs = {p[0]: p + o for p, o in zip(PROMPTS, reference)}  # prompts differ in their first token
+    drafter = Oracle(PROMPTS, reference, right=right, branches=3)
+    controller = make_controller(model, "auto", drafter)
+    monkeypatch.setattr(controller, "proposals_pay", lambda batch_size: False)
+    monkeypatch.setattr(controller, "look_interval", lambda batch_size: 1)
+    seen = []
+    real = engine.shadow_verdict
+
+    def spy(draft, start, history, lens):
+        out = real(draft, start, history, lens)
+        seen.append((draft, start.clone(), history[:, 0].clone(), (lens - start).clone(), out))
+        return out
+
+    monkeypatch.setattr(engine, "shadow_verdict", spy)
+    out = specdec.generate(model, PROMPTS, max_new_tokens=24, drafter=drafter, num_draft_tokens="auto")
+    assert out.token_ids == reference
+    assert set(out.stats["accepted_length_histogram"]) == {0}  # no step verified a draft
+    assert len(seen) >= 2  # each look waits for its deepest node (14 steps) before the next
+    accepted = 0
+    for draft, start, first, made, (on_path, known) in seen:
+        for b in range(draft.tokens.shape[0]):
+            expect_on, expect_known = brute_force_verdict(
+                draft.parents[b].tolist(), draft.tokens[b].tolist(), int(draft.count[b]), int(start[b]),
+                seqs[int(first[b])] + [-1] * 64, int(made[b]))
+            assert on_path[b].tolist() == expect_on and int(known[b]) == expect_known
+            accepted += sum(expect_on)
+    assert (accepted > 0) == right
+
+
+def test_a_drafter_that_would_pay_is_picked_up_by_a_shadow_look(model):
+    """A ledger that says asking does not pay, and a drafter that is always right: the first shadow
+    look finds every node accepted, the ledger turns, and real drafting resumes: steps verify drafts
+    and accept them. Negative control: an always-wrong drafter is never verified."""
+    from specdec.controller import Ledger
+
+    reference = specdec.generate(model, PROMPTS, max_new_tokens=64).token_ids
+    results = {}
+    for right in (True, False):
+        drafter = Oracle(PROMPTS, reference, right=right)
+        controller = make_controller(model, "auto", drafter)
+        # every batch size: 20 asks have cost 5 ms each (a third of a plain step here) and saved nothing
+        for B in range(1, len(PROMPTS) + 1):
+            controller.ledger[B] = Ledger(saved=0.0, spent=0.1, asks=20.0, interval=2)
+        out = specdec.generate(model, PROMPTS, max_new_tokens=64, drafter=drafter, num_draft_tokens="auto")
+        assert out.token_ids == reference
+        results[right] = set(out.stats["accepted_length_histogram"])  # accepted drafts per request-step
+    assert max(results[True]) > 1 and results[False] == {0}
