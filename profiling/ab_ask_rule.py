@@ -14,6 +14,7 @@ and of its calibration:
            all requests, as before it had one per request)
   verified the controller's own rule with its looks at a drafter that does not pay verified, as before
            shadow looks (a drafted step each), not scored against the plain steps after them
+  never    the drafter is never asked: every step a plain one through the engine (the floor under "auto")
   fixedK   no controller: K draft tokens every step
 Optional suffix on old/new/always: `@m` for sums fading by m an ask (default 0.95), e.g. new@0.98.
 
@@ -54,6 +55,8 @@ def configure(model, drafter, variant: str):
         controller.request_prior = None
     elif rule == "verified":
         controller.shadow_looks = False
+    elif rule == "never":
+        controller.worth_drafting = lambda batch_size, remaining=None: False
     elif rule != "new":
         raise ValueError(f"unknown variant {variant!r}")
     return drafter, "auto"

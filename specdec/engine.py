@@ -33,6 +33,7 @@ class StepStats:
     steps: int = 0  # verification steps
     tokens: int = 0  # tokens added by those steps (the model's own token included)
     accept_hist: Counter = field(default_factory=Counter)  # accepted draft tokens per request-step
+    shadow_looks: int = 0  # drafts scored against the plain steps after them, not verified
     seconds: dict = field(default_factory=lambda: {"draft": 0.0, "verify": 0.0, "bookkeeping": 0.0})
 
     def summary(self) -> dict:
@@ -41,6 +42,7 @@ class StepStats:
             verify_steps=self.steps,
             mean_accepted_tokens=self.tokens / max(request_steps, 1),
             accepted_length_histogram=dict(sorted(self.accept_hist.items())),
+            shadow_looks=self.shadow_looks,
             time_split={k: round(v, 6) for k, v in self.seconds.items()},
         )
 
@@ -93,24 +95,33 @@ def pack(roots: torch.Tensor, draft: DraftTree, width: int):
 
 @dataclass
 class Shadow:
-    """A draft proposed at a look but not verified: the plain steps after it score it instead."""
+    """A draft proposed at a look but not verified: the steps after it score it instead."""
 
     draft: DraftTree
     start: torch.Tensor  # (B,) history lengths when it was proposed
-    depth: int  # its deepest node: the plain steps that settle every verdict
     record: dict  # the controller's sizing of it (`SpeculationController.choose_shadow`)
     seconds: float  # what the look cost (drafting and sizing)
-    steps: int = 0  # plain steps taken since
+    depth: int  # its deepest node: every request has produced that many tokens after as many steps
+    steps: int = 0  # steps since (each adds at least one token to every request)
+    check: int = 1  # steps at which to look at the verdicts next: 1, 2, 4, ..., depth
+
+    def due(self) -> bool:
+        """One more step taken: whether to look at the verdicts now. Most drafts miss within a token
+        or two, so the verdicts are looked at after 1, 2, 4, ... steps (a look costs ~0.4 ms at batch
+        16 on a 2-core CPU), and every one is in after `depth` steps."""
+        self.steps += 1
+        if self.steps < min(self.check, self.depth):
+            return False
+        self.check *= 2
+        return True
 
 
 def draft_depth(draft: DraftTree) -> int:
-    """The depth of the deepest real node of any request's draft (one host sync)."""
+    """The deepest real node of any request's draft (one host sync)."""
     B, K = draft.tokens.shape
-    if K == 0:
-        return 0
     valid = torch.arange(K, device=draft.count.device).view(1, K) < draft.count.view(B, 1)
     depth = tree_from_parents(torch.where(valid, draft.parents, -1)).sum(-1)  # (B, K)
-    return int(torch.where(valid, depth, 0).max())
+    return int(torch.where(valid, depth, 0).max()) if K else 0
 
 
 def shadow_verdict(draft: DraftTree, start: torch.Tensor, history: torch.Tensor, lens: torch.Tensor):
@@ -301,22 +312,27 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
 
     # A look at a drafter that has not paid lately, where its draft can be scored without verifying
     # it (greedy, or a draft without probabilities): sized as "auto" would, then scored against the
-    # plain steps that follow (`shadow_verdict`). The look costs the drafting, not a drafted step.
+    # tokens the next steps produce (`shadow_verdict`). The look costs the drafting, not a drafted
+    # step. One is pending at a time; steps go on as the controller says meanwhile.
     shadow = None
     can_shadow = params.greedy
 
-    def score_shadow():
+    def score_shadow(leaving=False):
+        """Hand the pending look's verdicts to the controller once all are in, or, where requests are
+        about to leave (their rows move), the ones there are."""
         nonlocal shadow
         on_path, known = shadow_verdict(shadow.draft, shadow.start, s.history, s.lens)
-        controller.observe_shadow(shadow.record, known, on_path, shadow.draft.match_len, shadow.seconds,
-                                  settled=shadow.steps >= shadow.depth)
-        shadow = None
+        settled = bool((known >= shadow.draft.count).all())
+        if settled or leaving:
+            controller.observe_shadow(shadow.record, known, on_path, shadow.draft.match_len, shadow.seconds,
+                                      settled=settled)
+            shadow = None
 
     while True:
         if bool(done.any()):
             show_drafter()  # the leavers' last tokens, before it drops them
-            if shadow is not None:  # scored with the tokens there are: rows are about to move
-                score_shadow()
+            if shadow is not None:
+                score_shadow(leaving=True)
             index = survivors(~done)  # a request's row may change: s.ids follows it
             if index.numel() == 0:
                 break
@@ -333,8 +349,10 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             budget = int(min(K, max_new_tokens - 1))  # drafts past the token budget are wasted
             # tokens each request has left: the batch ends when its last request does
             remaining = None if controller is None else max_new_tokens - s.generated
-            if controller is not None and (shadow is not None or not controller.worth_drafting(Bn, remaining)):
+            if controller is not None and not controller.worth_drafting(Bn, remaining):
                 budget = 0  # verification is too dear at this batch size: a plain AR step
+            elif controller is not None and controller.shadow_look and shadow is not None:
+                budget = 0  # a look is due, but the last one's verdicts are not all in
             if budget > 0:
                 show_drafter()
                 draft = drafter.propose(s.history, s.lens, budget)
@@ -343,7 +361,8 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
                     looked = time.perf_counter() - t0
                     kept = DraftTree(draft.tokens.clone(), draft.parents.clone(), draft.count.clone(),
                                      match_len=None if draft.match_len is None else draft.match_len.clone())
-                    shadow = Shadow(kept, s.lens.clone(), draft_depth(kept), record, looked)
+                    shadow = Shadow(kept, s.lens.clone(), record, looked, draft_depth(kept))
+                    stats.shadow_looks += 1
                     budget = 0  # scored against the plain steps that follow, not verified
                 elif controller is not None:
                     draft = truncate(draft, controller.choose(Bn, draft.match_len, draft.count, remaining))
@@ -361,13 +380,11 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
             if width == 0:
                 unseen += 1
                 new = [[t] for t in step.out[:, 0].tolist()]
-                if shadow is not None:
-                    shadow.steps += 1
-                    if shadow.steps >= shadow.depth:
-                        score_shadow()
             else:
                 drafter.update(s.history, s.lens, count)
                 new = [row[:c] for row, c in zip(step.out.tolist(), count.tolist())]
+            if shadow is not None and shadow.due():
+                score_shadow()
         t3 = time.perf_counter()
         if controller is not None and budget == 0:  # a shadow look's drafting is the look's, not the step's
             controller.observe_plain(Bn, t3 - t0 - looked)

@@ -425,6 +425,12 @@ def test_shadow_verdict_is_verifications_on_the_tokens_that_came(made):
                                             for b in range(B) for k in range(int(count[b])))
 
 
+def test_a_shadow_looks_at_its_verdicts_after_1_2_4_steps_and_at_its_depth():
+    shadow = engine.Shadow(DraftTree.empty(1, "cpu"), torch.zeros(1), {}, 0.0, depth=10)
+    assert [step for step in range(1, 11) if shadow.due()] == [1, 2, 4, 8, 10]
+    assert engine.Shadow(DraftTree.empty(1, "cpu"), torch.zeros(1), {}, 0.0, depth=0).due()
+
+
 @pytest.mark.parametrize("right", [True, False])
 def test_shadow_looks_score_drafts_as_verification_would_and_stay_lossless(model, reference, monkeypatch, right):
     """"auto" with a drafter that never pays has every look taken as a shadow look: nothing is
@@ -447,7 +453,7 @@ def test_shadow_looks_score_drafts_as_verification_would_and_stay_lossless(model
     out = specdec.generate(model, PROMPTS, max_new_tokens=24, drafter=drafter, num_draft_tokens="auto")
     assert out.token_ids == reference
     assert set(out.stats["accepted_length_histogram"]) == {0}  # no step verified a draft
-    assert len(seen) >= 2  # each look waits for its deepest node (14 steps) before the next
+    assert out.stats["shadow_looks"] >= 2
     accepted = 0
     for draft, start, first, made, (on_path, known) in seen:
         for b in range(draft.tokens.shape[0]):
@@ -470,9 +476,9 @@ def test_a_drafter_that_would_pay_is_picked_up_by_a_shadow_look(model):
     for right in (True, False):
         drafter = Oracle(PROMPTS, reference, right=right)
         controller = make_controller(model, "auto", drafter)
-        # every batch size: 20 asks have cost 5 ms each (a third of a plain step here) and saved nothing
-        for B in range(1, len(PROMPTS) + 1):
-            controller.ledger[B] = Ledger(saved=0.0, spent=0.1, asks=20.0, interval=2)
+        for B in range(1, len(PROMPTS) + 1):  # 20 asks have each cost 30% of a plain step and saved nothing
+            plain = float(controller.step_seconds(B, 0)[0])
+            controller.ledger[B] = Ledger(saved=0.0, spent=20 * 0.3 * plain, asks=20.0, interval=2)
         out = specdec.generate(model, PROMPTS, max_new_tokens=64, drafter=drafter, num_draft_tokens="auto")
         assert out.token_ids == reference
         results[right] = set(out.stats["accepted_length_histogram"])  # accepted drafts per request-step
