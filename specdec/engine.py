@@ -101,6 +101,7 @@ class Shadow:
     start: torch.Tensor  # (B,) history lengths when it was proposed
     record: dict  # the controller's sizing of it (`SpeculationController.choose_shadow`)
     seconds: float  # what the look cost (drafting and sizing)
+    anc: torch.Tensor  # (B, K, K) its `draft_ancestors`, computed once
     depth: int  # its deepest node: every request has produced that many tokens after as many steps
     steps: int = 0  # steps since (each adds at least one token to every request)
     check: int = 1  # steps at which to look at the verdicts next: 1, 2, 4, ..., depth
@@ -116,15 +117,22 @@ class Shadow:
         return True
 
 
-def draft_depth(draft: DraftTree) -> int:
-    """The deepest real node of any request's draft (one host sync)."""
+def draft_ancestors(draft: DraftTree) -> torch.Tensor:
+    """(B, K, K) bool: node j is node k's ancestor-or-self, among each request's real draft nodes."""
     B, K = draft.tokens.shape
     valid = torch.arange(K, device=draft.count.device).view(1, K) < draft.count.view(B, 1)
-    depth = tree_from_parents(torch.where(valid, draft.parents, -1)).sum(-1)  # (B, K)
-    return int(torch.where(valid, depth, 0).max()) if K else 0
+    return tree_from_parents(torch.where(valid, draft.parents, -1))
 
 
-def shadow_verdict(draft: DraftTree, start: torch.Tensor, history: torch.Tensor, lens: torch.Tensor):
+def draft_depth(draft: DraftTree, anc: torch.Tensor) -> int:
+    """The deepest real node of any request's draft (one host sync); anc from `draft_ancestors`."""
+    B, K = draft.tokens.shape
+    valid = torch.arange(K, device=draft.count.device).view(1, K) < draft.count.view(B, 1)
+    return int(torch.where(valid, anc.sum(-1), 0).max()) if K else 0
+
+
+def shadow_verdict(draft: DraftTree, start: torch.Tensor, history: torch.Tensor, lens: torch.Tensor,
+                   anc: torch.Tensor | None = None):
     """What verification would have said of a draft proposed when request b had start[b] tokens,
     read off the tokens the target produced since (history[b, start[b]:lens[b]]).
 
@@ -133,13 +141,13 @@ def shadow_verdict(draft: DraftTree, start: torch.Tensor, history: torch.Tensor,
     the same distribution: verification accepts node token x with probability p(x), the target's
     probability of x, which is the probability that its sample is x.
 
-    Returns on_path (B, K) bool, draft node k on the target's path, and known (B,) int64, how many
-    leading nodes have a verdict: a node deeper than the tokens produced has none, unless one of
-    its ancestors already missed."""
+    anc: the draft's `draft_ancestors`, if already at hand. Returns on_path (B, K) bool, draft node k
+    on the target's path, and known (B,) int64, how many leading nodes have a verdict: a node deeper
+    than the tokens produced has none, unless one of its ancestors already missed."""
     B, K = draft.tokens.shape
     k = torch.arange(K, device=start.device).view(1, K)
     valid = k < draft.count.view(B, 1)
-    anc = tree_from_parents(torch.where(valid, draft.parents, -1))  # (B, K, K) ancestor-or-self
+    anc = draft_ancestors(draft) if anc is None else anc  # (B, K, K) ancestor-or-self
     depth = anc.sum(-1)  # (B, K), 1 for a child of the root
     made = (lens - start).view(B, 1)  # tokens produced since
     actual = history.gather(1, (start.view(B, 1) + depth - 1).clamp(max=history.shape[1] - 1))
@@ -321,7 +329,7 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
         """Hand the pending look's verdicts to the controller once all are in, or, where requests are
         about to leave (their rows move), the ones there are."""
         nonlocal shadow
-        on_path, known = shadow_verdict(shadow.draft, shadow.start, s.history, s.lens)
+        on_path, known = shadow_verdict(shadow.draft, shadow.start, s.history, s.lens, shadow.anc)
         settled = bool((known >= shadow.draft.count).all())
         if settled or leaving:
             controller.observe_shadow(shadow.record, known, on_path, shadow.draft.match_len, shadow.seconds,
@@ -361,7 +369,8 @@ def speculative(model: Model, prompt_ids, max_new_tokens: int, params: SamplingP
                     looked = time.perf_counter() - t0
                     kept = DraftTree(draft.tokens.clone(), draft.parents.clone(), draft.count.clone(),
                                      match_len=None if draft.match_len is None else draft.match_len.clone())
-                    shadow = Shadow(kept, s.lens.clone(), record, looked, draft_depth(kept))
+                    anc = draft_ancestors(kept)
+                    shadow = Shadow(kept, s.lens.clone(), record, looked, anc, draft_depth(kept, anc))
                     stats.shadow_looks += 1
                     budget = 0  # scored against the plain steps that follow, not verified
                 elif controller is not None:

@@ -421,14 +421,14 @@ def test_shadow_verdict_is_verifications_on_the_tokens_that_came(made):
             own = d <= made and tok[k] == seq[s0 + d - 1]
             own_token_only_differs |= own != expect_on[k]
     assert own_token_only_differs == (made >= 3)
-    assert engine.draft_depth(draft) == max(len(path_to(parents[b].tolist(), k))
+    assert engine.draft_depth(draft, engine.draft_ancestors(draft)) == max(len(path_to(parents[b].tolist(), k))
                                             for b in range(B) for k in range(int(count[b])))
 
 
 def test_a_shadow_looks_at_its_verdicts_after_1_2_4_steps_and_at_its_depth():
-    shadow = engine.Shadow(DraftTree.empty(1, "cpu"), torch.zeros(1), {}, 0.0, depth=10)
+    shadow = engine.Shadow(DraftTree.empty(1, "cpu"), torch.zeros(1), {}, 0.0, None, depth=10)
     assert [step for step in range(1, 11) if shadow.due()] == [1, 2, 4, 8, 10]
-    assert engine.Shadow(DraftTree.empty(1, "cpu"), torch.zeros(1), {}, 0.0, depth=0).due()
+    assert engine.Shadow(DraftTree.empty(1, "cpu"), torch.zeros(1), {}, 0.0, None, depth=0).due()
 
 
 @pytest.mark.parametrize("right", [True, False])
@@ -444,8 +444,8 @@ def test_shadow_looks_score_drafts_as_verification_would_and_stay_lossless(model
     seen = []
     real = engine.shadow_verdict
 
-    def spy(draft, start, history, lens):
-        out = real(draft, start, history, lens)
+    def spy(draft, start, history, lens, anc=None):
+        out = real(draft, start, history, lens, anc)
         seen.append((draft, start.clone(), history[:, 0].clone(), (lens - start).clone(), out))
         return out
 
