@@ -8,7 +8,7 @@ import torch
 import specdec
 import specdec.engine as engine
 from specdec.generate import make_controller
-from drafters import Drafter, DraftTree
+from drafters import REGISTRY, Drafter, DraftTree
 from kernels.verify import VerifyResult
 from tiny_models import tiny_model
 
@@ -331,8 +331,35 @@ def test_sampling_distribution_equals_the_target(small, plain_steps):
     assert p > 1e-4, p
 
 
-def test_negative_control_wrong_acceptance_is_detected(small, monkeypatch):
-    """Accepting every draft without verification must fail the same test."""
+def sampled_with(small, drafter, T=20000, temp=1.3):
+    """(counts, expected, accepting) for T requests decoded with `drafter` from a prompt that holds the
+    model's own greedy continuation twice: every retrieval drafter finds matches to draft from, right
+    often enough to matter. accepting: the share of request-steps that accepted a drafted token."""
+    greedy = specdec.generate(small, [[1, 5, 3]], max_new_tokens=8).token_ids[0]
+    prompt = [1, 5, 3] + greedy + [1, 5, 3] + greedy[:4]
+    out = specdec.generate(small, [prompt] * T, max_new_tokens=3, drafter=drafter, num_draft_tokens=4,
+                           temperature=temp, seed=1234)
+    seqs = torch.tensor(out.token_ids)
+    counts = torch.bincount(seqs[:, 0] * SMALL_V**2 + seqs[:, 1] * SMALL_V + seqs[:, 2], minlength=SMALL_V**3)
+    hist = out.stats["accepted_length_histogram"]
+    accepting = sum(n for a, n in hist.items() if a > 0) / sum(hist.values())
+    return counts.double(), exact_joint(small, prompt, temp).flatten() * T, accepting
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_drafter_samples_the_target_distribution(small, name):
+    """The same G-test (same power) with each real drafter. At least 5% of request-steps accept a
+    drafted token (9-16% here); the rest reject theirs or draft nothing, so acceptance, rejection and
+    the residual all occur."""
+    counts, expected, accepting = sampled_with(small, name)
+    p = g_test(counts, expected)
+    print(f"{name}: G-test p = {p:.3g}, request-steps accepting a draft {accepting:.3f}")
+    assert accepting > 0.05
+    assert p > 1e-4, p
+
+
+def trusting(verify_real):
+    """A verification that accepts every chain draft whole, unchecked (trees are verified as usual)."""
 
     def trust_the_drafter(logits, tokens, parents, num_nodes, *args, **kwargs):
         right = verify_real(logits, tokens, parents, num_nodes, *args, **kwargs)
@@ -346,8 +373,20 @@ def test_negative_control_wrong_acceptance_is_detected(small, monkeypatch):
                             torch.where(chain.view(-1, 1), toks, right.accept_tokens),
                             torch.where(chain, n, right.accept_len), right.next_token)
 
-    verify_real = engine.verify
-    monkeypatch.setattr(engine, "verify", trust_the_drafter)
+    return trust_the_drafter
+
+
+def test_negative_control_a_real_drafter_trusted_is_detected(small, monkeypatch):
+    """The per-drafter test above, with ngram's chains accepted unchecked: it must fail."""
+    monkeypatch.setattr(engine, "verify", trusting(engine.verify))
+    p = g_test(*sampled_with(small, "ngram")[:2])
+    print(f"negative control (ngram trusted) G-test p = {p:.3g}")
+    assert p < 1e-4, p
+
+
+def test_negative_control_wrong_acceptance_is_detected(small, monkeypatch):
+    """Accepting every draft without verification must fail the same test."""
+    monkeypatch.setattr(engine, "verify", trusting(engine.verify))
     prompt, T, temp = [1, 5, 3], 20000, 1.3
     expected = exact_joint(small, prompt, temp).flatten() * T
 
