@@ -73,10 +73,25 @@ candidate is the target's next token (node score = product of its path's priors)
 precede children, siblings come in rank order and EVERY PREFIX is the best tree of that size
 under the prior; `max_nodes` keeps a prefix. A user template must satisfy the same (checked).
 
+Best-first trees (our addition, `shape="best_first"`; the template is the default). Each candidate
+keeps the probability the target gave it when its row was written (the softmax of that forward;
+for a corpus row, the successor's share of what follows t there; for a prompt successor,
+`prompt_confidence`), and each request's tree is grown best-first by the product of those along
+the path, as SuffixDecoding grows its trees: deep where the records are sure, wide where they are
+not. Its `match_len` is a bucket of the tree's summed scores (`confidence_bucket`). The records do
+predict acceptance: replaying the Spec-Bench sample with 16-node template drafts, a node whose
+parent was accepted was itself accepted 5% of the time where its recorded probability was below
+0.1, 21% at 0.2-0.3, 60% at 0.8-0.9 and 70-74% above 0.95. Yet on this sample's CPU runs the
+template with the streak did better: best-first trees 1.29x over AR under the cost curve against
+the template's 1.32x, ngram 1.36x (`profiling/predicted_speed.py`, results/README.md). Translation
+loses most (2.8x against 4.4x): its loops copy, and the streak finds them where the records,
+written in other contexts, are unsure.
+
 Shapes: B batch, T history width, V vocab, N verified nodes, K draft nodes, k candidates per token.
 """
 
 import heapq
+import math
 
 import numpy as np
 import torch
@@ -87,6 +102,21 @@ from drafters.corpus import Corpus
 # P(the target's next token is the rank-r recycled candidate), a rough shape: the top candidate
 # is right about half the time, the rest share a long tail. Only the ORDER of products matters.
 RANK_PRIOR = (0.5, 0.16, 0.09, 0.06, 0.045, 0.035, 0.03, 0.025)
+
+
+SHAPES = ("template", "best_first")
+
+# A best-first draft's bucket for the controller (reported as its match_len): where the sum of its
+# nodes' scores (probabilities recorded with the candidates, multiplied along each path) falls
+# among these edges. The controller learns acceptance per bucket; the edges only need to separate
+# confident drafts from hopeful ones.
+CONFIDENCE_EDGES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.5, 7.0)
+
+
+def confidence_bucket(confidence: torch.Tensor) -> torch.Tensor:
+    """(B,) float -> (B,) int64 in 0..len(CONFIDENCE_EDGES)."""
+    edges = torch.tensor(CONFIDENCE_EDGES, dtype=torch.float64, device=confidence.device)
+    return torch.bucketize(confidence.double(), edges, right=True)
 
 
 def default_tree(size: int = 80, top_k: int = 8, max_depth: int = 8) -> list[tuple[int, int]]:
@@ -136,33 +166,37 @@ def template_levels(tree, device):
     return levels
 
 
-def corpus_rows(corpus: Corpus, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens (R,), rows (R, top_k)) int64: for every token t followed by something in a corpus
-    document, its top_k most frequent successors (count descending, then id ascending), topped up
-    with the corpus's most frequent tokens not already in the row."""
+def corpus_rows(corpus: Corpus, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens (R,), rows (R, top_k)) int64 and freqs (R, top_k) float32: for every token t followed
+    by something in a corpus document, its top_k most frequent successors (count descending, then id
+    ascending), topped up with the corpus's most frequent tokens not already in the row; freqs[i, j]
+    the share of t's successors that are rows[i, j] (0 for a top-up)."""
     text = corpus.tokens.astype(np.int64)
     ends = corpus.offsets[1:] - 1  # a document's last token has no successor in it
     cur, nxt = np.delete(text, ends), np.delete(np.roll(text, -1), ends)
     V = corpus.vocab_size
     if cur.size == 0:  # one-token documents only: nothing follows anything
-        return np.zeros(0, dtype=np.int64), np.zeros((0, top_k), dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros((0, top_k), dtype=np.int64), np.zeros((0, top_k), np.float32)
     pairs, counts = np.unique(cur * V + nxt, return_counts=True)
     first, then = pairs // V, pairs % V
     order = np.lexsort((then, -counts, first))  # by token, then count descending, then id
-    first, then = first[order], then[order]
+    first, then, counts = first[order], then[order], counts[order]
     starts = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])  # each token's run
     rank = np.arange(first.size) - np.repeat(starts, np.diff(np.r_[starts, first.size]))
     keep = rank < top_k
     tokens = first[starts]
     rows = np.full((tokens.size, top_k), -1, dtype=np.int64)
     rows[np.searchsorted(tokens, first[keep]), rank[keep]] = then[keep]
+    freqs = np.zeros((tokens.size, top_k), dtype=np.float32)
+    total = np.bincount(np.searchsorted(tokens, first), weights=counts, minlength=tokens.size)
+    freqs[np.searchsorted(tokens, first[keep]), rank[keep]] = counts[keep] / total[np.searchsorted(tokens, first[keep])]
     uni = np.bincount(corpus.tokens, minlength=V)
     common = np.argsort(-uni, kind="stable")[: 2 * top_k].tolist()  # enough to top up any row
     for i in np.flatnonzero(rows[:, -1] < 0):  # rows with fewer than top_k distinct successors
         row = [x for x in rows[i].tolist() if x >= 0]
         row += [x for x in common if x not in row][: top_k - len(row)]
         rows[i, : len(row)] = row
-    return tokens, rows
+    return tokens, rows, freqs
 
 
 class TokenRecyclingDrafter(Drafter):
@@ -173,12 +207,16 @@ class TokenRecyclingDrafter(Drafter):
     corpus: None (start cold), a drafters.corpus.Corpus or the path of a saved one: the matrix
     starts from its successor counts. from_prompt: write each request's prompt successors at start.
     chain_streak: a request whose streak has reached it drafts the top-1 chain (None: never).
-    See the module's docstring for all three.
+    shape: "template" (the paper's: every draft is the template read from the matrix) or
+    "best_first" (each request's tree grown from the matrix by the product of its candidates'
+    recorded probabilities; `tree` and `chain_streak` then do not apply). prompt_confidence: the
+    probability recorded for a prompt successor (best_first). See the module's docstring.
     """
 
     name = "recycle"
 
-    def __init__(self, top_k: int = 8, tree=None, corpus=None, from_prompt: bool = True, chain_streak: int | None = 4):
+    def __init__(self, top_k: int = 8, tree=None, corpus=None, from_prompt: bool = True, chain_streak: int | None = 4,
+                 shape: str = "template", prompt_confidence: float = 0.5):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
         corpus = Corpus.of(corpus)
@@ -189,7 +227,16 @@ class TokenRecyclingDrafter(Drafter):
         if chain_streak is not None and (isinstance(chain_streak, bool) or not isinstance(chain_streak, int)
                                          or chain_streak < 0):
             raise ValueError(f"chain_streak must be None or an int >= 0, got {chain_streak!r}")
-        self.chain_streak = chain_streak
+        if shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+        if shape == "best_first" and tree is not None:
+            raise ValueError("a tree template applies to shape='template' only (best_first grows its own trees)")
+        if isinstance(prompt_confidence, bool) or not isinstance(prompt_confidence, (int, float)) \
+                or not 0 < prompt_confidence <= 1:
+            raise ValueError(f"prompt_confidence must be a probability in (0, 1], got {prompt_confidence!r}")
+        self.shape = shape
+        self.prompt_confidence = float(prompt_confidence)
+        self.chain_streak = chain_streak if shape == "template" else None
         self.top_k = top_k
         self.corpus = corpus
         self.from_prompt = from_prompt
@@ -200,6 +247,7 @@ class TokenRecyclingDrafter(Drafter):
         self._levels = {}  # (K, device) -> (template_levels, parents (K,)) of the K-node prefix
         self._spines = {}  # (N, device) -> (node columns, parent columns) of the top-1 spine in an N-node tree
         self._streak = None  # (B,) int64: see the module's docstring
+        self._logp = None  # (V + 1, k) float32: log of the probability recorded with each candidate
         self._chained = None  # (B,) bool: which requests the last proposal drafted as a top-1 chain
 
     def prepare(self, vocab_size: int, device) -> None:
@@ -215,14 +263,16 @@ class TokenRecyclingDrafter(Drafter):
         self._table = (t + 1 + j) % vocab_size  # (V + 1, k) cold placeholder
         self.M = self._table[:vocab_size]
         self._warm = torch.zeros(vocab_size + 1, dtype=torch.bool, device=device)  # row written yet?
+        self._logp = torch.full((vocab_size + 1, self.top_k), -math.inf, device=device)  # cold: probability 0
         if self._corpus_rows is not None:
-            tokens, rows = (torch.from_numpy(x).to(device) for x in self._corpus_rows)
+            tokens, rows, freqs = (torch.from_numpy(x).to(device) for x in self._corpus_rows)
             self._table[tokens] = rows
+            self._logp[tokens] = freqs.log()
             self._warm[tokens] = True
 
     def reset(self) -> None:
         """Forget everything learned (the next prepare starts again: cold, or from the corpus)."""
-        self.M = self._table = self._warm = None
+        self.M = self._table = self._warm = self._logp = None
 
     def start(self, history: torch.Tensor, lens: torch.Tensor) -> None:
         """Write the prompts' successors (see the module's docstring); one host round trip."""
@@ -241,9 +291,13 @@ class TokenRecyclingDrafter(Drafter):
         if not succ:
             return
         tokens = torch.tensor(list(succ), dtype=torch.int64, device=self.M.device)
-        rows = [new + [x for x in old if x not in new][: k - len(new)]
-                for new, old in zip(succ.values(), self.M[tokens].tolist())]
+        rows, logps, new_logp = [], [], math.log(self.prompt_confidence)
+        for new, old, old_logp in zip(succ.values(), self.M[tokens].tolist(), self._logp[tokens].tolist()):
+            kept = [(x, lp) for x, lp in zip(old, old_logp) if x not in new][: k - len(new)]
+            rows.append(new + [x for x, _ in kept])
+            logps.append([new_logp] * len(new) + [lp for _, lp in kept])
         self._table[tokens] = torch.tensor(rows, dtype=torch.int64, device=self.M.device)
+        self._logp[tokens] = torch.tensor(logps, dtype=self._logp.dtype, device=self.M.device)
         self._warm[tokens] = True
 
     def retain(self, index: torch.Tensor) -> None:
@@ -289,8 +343,9 @@ class TokenRecyclingDrafter(Drafter):
     def observe(self, tokens: torch.Tensor, logits: torch.Tensor, num_nodes: torch.Tensor) -> None:
         B, N = tokens.shape
         V = self.M.shape[0]
-        cand = logits.topk(self.top_k, dim=-1).indices  # (B, N, k)
-        if self._streak is not None and self._streak.shape[0] == B:
+        top = logits.topk(self.top_k, dim=-1)
+        cand = top.indices  # (B, N, k)
+        if self.shape == "template" and self._streak is not None and self._streak.shape[0] == B:
             self._advance_streak(tokens, cand[..., 0], num_nodes)
         self._chained = None  # it described this tree only
         valid = torch.arange(N, device=tokens.device).view(1, N) < num_nodes.view(B, 1)  # (B, N)
@@ -298,6 +353,9 @@ class TokenRecyclingDrafter(Drafter):
         rows = torch.where(valid, tokens, V).view(B * N)
         self._table.index_copy_(0, rows, cand.view(B * N, self.top_k))
         self._warm[rows] = True
+        if self.shape == "best_first":  # the candidates' log-probabilities under the target
+            logp = top.values.float() - logits.float().logsumexp(dim=-1, keepdim=True)  # (B, N, k)
+            self._logp.index_copy_(0, rows, logp.view(B * N, self.top_k))
 
     def propose(self, history: torch.Tensor, lens: torch.Tensor, max_nodes: int) -> DraftTree:
         B = history.shape[0]
@@ -306,6 +364,8 @@ class TokenRecyclingDrafter(Drafter):
             return DraftTree.empty(B, history.device)
         if self.M is None:
             raise RuntimeError("TokenRecyclingDrafter.propose before prepare(vocab_size, device)")
+        if self.shape == "best_first":
+            return self._grow(history.gather(1, (lens - 1).view(B, 1)).view(B), max_nodes)
         key = (K, history.device)
         if key not in self._levels:
             parents = torch.tensor([p for p, _ in self.tree[:K]], dtype=torch.int64, device=history.device)
@@ -333,3 +393,29 @@ class TokenRecyclingDrafter(Drafter):
         # placeholder would only waste a forward's rows and teach the controller nothing).
         count = torch.where(self._warm[tok[:, 0]], K, 0)
         return DraftTree(tok[:, 1:], parents.contiguous(), count, match_len=streak)
+
+    def _grow(self, root: torch.Tensor, K: int) -> DraftTree:
+        """Best-first trees below `root` (B,): K rounds, each taking every request's likeliest
+        candidate not yet in its tree (score: the sum of recorded log-probabilities along its path)
+        and offering that node's row as new candidates. A child scores at most its parent, so the
+        nodes come out in non-increasing score, parents first, and every prefix is the best tree of
+        its size under the scores. A request runs out where only never-written rows remain
+        (score -inf): its count stops there. On device, no host sync: K rounds of a few gathers."""
+        B, k, device = root.shape[0], self.top_k, root.device
+        b = torch.arange(B, device=device)
+        ftok = torch.zeros(B, k * (K + 1), dtype=torch.int64, device=device)  # the candidates offered so far
+        fpar = torch.full_like(ftok, -1)  # their parents (node indices; -1 the root)
+        fscore = torch.full((B, k * (K + 1)), -math.inf, device=device)
+        ftok[:, :k], fscore[:, :k] = self.M[root], self._logp[root]
+        tokens, parents = torch.empty(B, K, dtype=torch.int64, device=device), torch.empty_like(ftok[:, :K])
+        scores = torch.empty(B, K, device=device)
+        for i in range(K):
+            j = fscore.argmax(dim=1)  # (B,)
+            t, s = ftok[b, j], fscore[b, j]
+            tokens[:, i], parents[:, i], scores[:, i] = t, fpar[b, j], s
+            fscore[b, j] = -math.inf
+            slots = slice(k * (i + 1), k * (i + 2))
+            ftok[:, slots], fscore[:, slots], fpar[:, slots] = self.M[t], s.view(B, 1) + self._logp[t], i
+        count = (scores > -math.inf).sum(dim=1)
+        confidence = scores.exp().sum(dim=1)  # the draft's expected accepted tokens, were the records calibrated
+        return DraftTree(tokens, parents, count, match_len=confidence_bucket(confidence))

@@ -8,7 +8,8 @@ every output checked equal across the variants.
 
 A variant is "ngram", "recycle" (its defaults), "recycle:chain=N" or "recycle:chain=off" (the top-1
 chain from a streak of N, or never) or "recycle:nostreak" (drafts that report no streak, so no chain
-either: Token Recycling before the streak). Prints and writes the per-question paired ratio of every
+either: Token Recycling before the streak) or "recycle:best_first" (trees grown per request by the
+recorded probabilities, not the template). Prints and writes the per-question paired ratio of every
 pair of variants (geometric mean, 95% interval) and each one's tokens/s and mean accepted tokens.
 15 minutes for three variants on a 2-core CPU.
 """
@@ -44,6 +45,9 @@ def make_variant(name: str, corpus):
         return TokenRecyclingDrafter(corpus=corpus)
     if option == "nostreak":
         return NoStreak(corpus=corpus, chain_streak=None)
+    if option == "best_first":
+        return TokenRecyclingDrafter(corpus=corpus, shape="best_first")
+
     if option.startswith("chain="):
         value = option.removeprefix("chain=")
         return TokenRecyclingDrafter(corpus=corpus, chain_streak=None if value == "off" else int(value))

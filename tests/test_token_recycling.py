@@ -1,15 +1,17 @@
 """Token Recycling (drafters/token_recycling.py): the matrix update, the template walk against a
 pure-Python BFS, template truncation, and lossless decoding end to end."""
 
+import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
 import specdec
 from drafters import make_drafter
 from drafters.corpus import Corpus
-from drafters.token_recycling import TokenRecyclingDrafter, check_tree, corpus_rows, default_tree
+from drafters.token_recycling import TokenRecyclingDrafter, check_tree, confidence_bucket, corpus_rows, default_tree
 from tiny_models import tiny_model
 
 PROMPTS = [[5, 9, 11], [7] * 9, [3], [12, 40, 33, 8, 19], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
@@ -212,8 +214,9 @@ def test_a_cold_root_gets_no_draft():
     assert d.propose(history, lens, 4).count.tolist() == [0, 4]
 
 
-def brute_corpus_rows(docs, V, k):
-    """Per token: successors by count descending then id, topped up with the most frequent tokens."""
+def brute_corpus_rows(docs, V, k, freqs=False):
+    """Per token: successors by count descending then id, topped up with the most frequent tokens;
+    with freqs, each candidate's share of the token's successors (0 for a top-up) instead."""
     from collections import Counter
 
     follow, uni = {}, Counter()
@@ -226,6 +229,8 @@ def brute_corpus_rows(docs, V, k):
     for a, c in follow.items():
         row = [b for b, _ in sorted(c.items(), key=lambda x: (-x[1], x[0]))][:k]
         rows[a] = row + [t for t in common if t not in row][: k - len(row)]
+        if freqs:
+            rows[a] = [c[b] / sum(c.values()) for b in rows[a]]
     return rows
 
 
@@ -236,10 +241,13 @@ def test_corpus_rows_match_brute_force(seed):
     docs = [[g.randrange(V) for _ in range(g.randint(1, 30))] for _ in range(g.randint(1, 6))]
     if seed == 0:
         docs = [[3], [1], [3]]  # one-token documents: no successors at all
-    tokens, rows = corpus_rows(Corpus(docs, V), k)
+    tokens, rows, freqs = corpus_rows(Corpus(docs, V), k)
     expect = brute_corpus_rows(docs, V, k)
     assert tokens.tolist() == sorted(expect)  # a document's last token gets no successor from the next
     assert {t: r for t, r in zip(tokens.tolist(), rows.tolist())} == expect
+    shares = brute_corpus_rows(docs, V, k, freqs=True)
+    for t, f in zip(tokens.tolist(), freqs.tolist()):
+        assert f == pytest.approx(shares[t]), t
     assert all(len(set(r)) == k for r in rows.tolist())  # no duplicate siblings
 
 
@@ -470,3 +478,126 @@ def test_lossless_with_chains(model, reference):
         drafter = TokenRecyclingDrafter(chain_streak=chain_streak)
         out = specdec.generate(model, PROMPTS, max_new_tokens=24, num_draft_tokens=8, drafter=drafter)
         assert out.token_ids == reference
+
+
+# --- Best-first trees (shape="best_first") -----------------------------------------------------------
+
+
+def brute_best_first(M, logp, root, K):
+    """One request's tree the slow way: a list of offered candidates (score, order offered, token,
+    parent); K times take the best (ties to the one offered first) and offer its row. float32 sums,
+    as the drafter adds. Returns tokens, parents and scores of the nodes taken before only -inf
+    candidates were left."""
+    offered = [(np.float32(logp[root][r]), r, M[root][r], -1) for r in range(len(M[root]))]
+    nodes = []
+    for i in range(K):
+        best = max((c for c in offered if c is not None), key=lambda c: (c[0], -c[1]), default=None)
+        if best is None or best[0] == -np.inf:
+            break
+        offered[best[1]] = None
+        nodes.append((best[2], best[3], float(best[0])))
+        base = len(offered)
+        offered += [(np.float32(best[0] + np.float32(lp)), base + r, t, i)
+                    for r, (t, lp) in enumerate(zip(M[best[2]], logp[best[2]]))]
+    return nodes
+
+
+def random_records(d, V, k, seed, cold=0.2):
+    """Rows of distinct candidates with recorded log-probabilities; a share of rows never written."""
+    g = torch.Generator().manual_seed(seed)
+    d.M.copy_(torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(V)]))
+    logp = torch.rand(V, k, generator=g).log()
+    logp[torch.rand(V, generator=g) < cold] = -math.inf
+    d._logp[:V] = logp
+    d._warm[:V] = logp[:, 0] > -math.inf
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("K", [1, 6, 16])
+def test_best_first_trees_match_a_brute_force(seed, K):
+    V, k, B, T = 23, 3, 6, 9
+    d = TokenRecyclingDrafter(top_k=k, shape="best_first", from_prompt=False)
+    d.prepare(V, "cpu")
+    random_records(d, V, k, seed)
+    g = random.Random(seed)
+    lens = torch.tensor([g.randint(1, T) for _ in range(B)])
+    history = torch.tensor([[g.randrange(V) for _ in range(T)] for _ in range(B)])
+    draft = d.propose(history, lens, K)
+    assert draft.tokens.shape == draft.parents.shape == (B, K)
+    assert_valid_tree(draft.parents, torch.full((B,), K))  # padding nodes too hang below earlier ones
+    M, logp = d.M.tolist(), d._logp.tolist()
+    for b in range(B):
+        want = brute_best_first(M, logp, history[b, lens[b] - 1].item(), K)
+        n = draft.count[b].item()
+        assert n == len(want), b
+        assert draft.tokens[b, :n].tolist() == [t for t, _, _ in want]
+        assert draft.parents[b, :n].tolist() == [p for _, p, _ in want]
+        siblings = {}
+        for t, p in zip(draft.tokens[b, :n].tolist(), draft.parents[b, :n].tolist()):
+            assert t not in siblings.setdefault(p, set())  # distinct candidates per row: distinct siblings
+            siblings[p].add(t)
+        expect_bucket = confidence_bucket(torch.tensor([sum(math.exp(s) for _, _, s in want)]))
+        assert draft.match_len[b].item() == expect_bucket.item()
+
+
+def test_best_first_goes_deep_where_the_records_are_sure():
+    """A row chain recorded at probability ~1 is drafted as a chain; uncertain rows spread wide."""
+    V, k = 12, 3
+    d = TokenRecyclingDrafter(top_k=k, shape="best_first", from_prompt=False)
+    d.prepare(V, "cpu")
+    for t in range(V):
+        d.M[t] = torch.tensor([(t + 1) % V, (t + 5) % V, (t + 7) % V])
+    d._logp[:6] = torch.tensor([0.999, 0.0005, 0.0005]).log()
+    d._logp[6:V] = torch.tensor([1 / 3] * 3).log()  # tokens 6..11: no idea what follows
+    d._warm[:] = True
+    draft = d.propose(torch.tensor([[0], [6]]), torch.tensor([1, 1]), 5)
+    assert draft.tokens[0].tolist() == [1, 2, 3, 4, 5] and draft.parents[0].tolist() == [-1, 0, 1, 2, 3]
+    assert draft.parents[1].tolist()[:3] == [-1, -1, -1]  # the root's three candidates first
+    assert draft.match_len[0] > draft.match_len[1]
+
+
+def test_best_first_records_the_targets_probabilities():
+    V, k, B, N = 40, 4, 2, 3
+    d = TokenRecyclingDrafter(top_k=k, shape="best_first")
+    d.prepare(V, "cpu")
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    logits = torch.randn(B, N, V, generator=torch.Generator().manual_seed(2)) * 3
+    d.observe(tokens, logits, torch.tensor([3, 1]))
+    for b, n in [(0, 0), (0, 1), (0, 2), (1, 0)]:
+        want = logits[b, n].log_softmax(-1).topk(k)
+        assert d.M[tokens[b, n]].tolist() == want.indices.tolist()
+        assert torch.allclose(d._logp[tokens[b, n]], want.values, atol=1e-5)
+    assert (d._logp[5] == -math.inf).all() and (d._logp[6] == -math.inf).all()  # padding: not written
+
+
+def test_best_first_prompt_and_corpus_records():
+    V, k = 12, 3
+    corpus = Corpus([[2, 7, 2, 7, 2, 9, 2, 8]], V)  # after 2: 7 twice, 9 once, 8 once
+    d = TokenRecyclingDrafter(top_k=k, shape="best_first", corpus=corpus, prompt_confidence=0.25)
+    d.prepare(V, "cpu")
+    assert d.M[2].tolist() == [7, 8, 9]
+    assert d._logp[2].exp().tolist() == pytest.approx([0.5, 0.25, 0.25])
+    d.start(torch.tensor([[3, 9, 2, 5]]), torch.tensor([4]))  # prompt successors: 3 -> 9, 9 -> 2, 2 -> 5
+    assert d.M[2].tolist() == [5, 7, 8]  # 5 to the front, the others move down with their records
+    assert d._logp[2].exp().tolist() == pytest.approx([0.25, 0.5, 0.25])
+    assert d.M[3, 0].item() == 9 and d._logp[3, 0].exp().item() == pytest.approx(0.25)
+
+
+def test_best_first_options():
+    with pytest.raises(ValueError, match="shape"):
+        TokenRecyclingDrafter(shape="widest")
+    with pytest.raises(ValueError, match="template"):
+        TokenRecyclingDrafter(shape="best_first", tree=[(-1, 0)])
+    for bad in (0, 1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="prompt_confidence"):
+            TokenRecyclingDrafter(prompt_confidence=bad)
+
+
+@pytest.mark.parametrize("num_draft_tokens", [1, 8, "auto"])
+def test_best_first_is_lossless(model, reference, num_draft_tokens):
+    drafter = TokenRecyclingDrafter(shape="best_first")
+    for _ in range(2):  # cold, then from what the first call learned
+        out = specdec.generate(model, PROMPTS, max_new_tokens=24, drafter=drafter, num_draft_tokens=num_draft_tokens)
+        assert out.token_ids == reference
+    if num_draft_tokens == 8:
+        assert out.stats["mean_accepted_tokens"] > 1.5
