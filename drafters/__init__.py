@@ -6,8 +6,14 @@ from drafters.base import DraftTree, Drafter
 def _lazy(module: str, cls: str):
     def factory(**options):
         import importlib
+        import inspect
 
-        return getattr(importlib.import_module(module), cls)(**options)
+        drafter_cls = getattr(importlib.import_module(module), cls)
+        known = inspect.signature(drafter_cls).parameters
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"{cls} has no option {', '.join(map(repr, unknown))}: its options are {sorted(known)}")
+        return drafter_cls(**options)
 
     return factory
 

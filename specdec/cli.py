@@ -47,10 +47,33 @@ def cmd_generate(args):
 CORPUS_DRAFTERS = ("sam", "suffix", "recycle", "hybrid")
 
 
+def _option_value(text: str):
+    """A drafter option's value from the command line: an int, a float, true/false/none, or a string."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
 def _drafter_options(args, names):
-    if not getattr(args, "corpus", None):
-        return {}
-    return {n: {"corpus": args.corpus} for n in names if n in CORPUS_DRAFTERS}
+    """{drafter name: {option: value}}: --corpus for the drafters that draw on one, then every
+    --drafter-option [DRAFTER.]KEY=VALUE (without DRAFTER, for every drafter named)."""
+    options = {n: {"corpus": args.corpus} for n in names if n in CORPUS_DRAFTERS and getattr(args, "corpus", None)}
+    for item in getattr(args, "drafter_option", None) or []:
+        key, sep, value = item.partition("=")
+        target, _, key = key.rpartition(".")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--drafter-option takes [DRAFTER.]KEY=VALUE, got {item!r}")
+        if target and target not in names:
+            raise ValueError(f"--drafter-option {item!r}: drafter {target!r} is not among those run: {list(names)}")
+        targets = [target] if target else [n for n in names if n != "none"]
+        if not targets or targets == ["none"]:
+            raise ValueError(f"--drafter-option {item!r}: 'none' (plain decoding) takes no drafter options")
+        for n in targets:
+            options.setdefault(n, {})[key] = _option_value(value)
+    return options
 
 
 def cmd_corpus(args):
@@ -133,6 +156,8 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/recycle/hybrid (see `specdec corpus`)")
+    g.add_argument("--drafter-option", action="append", metavar="KEY=VALUE",
+                   help="a drafter constructor option, e.g. shape=best_first (repeatable)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="Spec-Bench-style comparison against autoregressive decoding")
@@ -155,6 +180,9 @@ def main(argv=None):
                    help="--batch-sizes: up to N questions not measured warm each configuration up, untimed "
                         "(0: every configuration starts cold)")
     b.add_argument("--corpus", default=None, help="corpus .npz for sam/suffix/recycle/hybrid (see `specdec corpus`)")
+    b.add_argument("--drafter-option", action="append", metavar="[DRAFTER.]KEY=VALUE",
+                   help="a drafter constructor option, e.g. recycle.shape=best_first; without DRAFTER, for "
+                        "every drafter run (repeatable)")
     _model_args(b)
     b.set_defaults(func=cmd_bench)
 

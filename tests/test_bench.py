@@ -9,6 +9,7 @@ import torch
 
 import specdec
 from specdec import bench
+from drafters import make_drafter
 from specdec.cli import main
 
 
@@ -104,6 +105,30 @@ def test_cli_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "hello", "--model", "/nonexistent.gguf"])
     assert e.value.code == 2 and "no model at" in capsys.readouterr().err
+
+
+def test_cli_drafter_options():
+    from argparse import Namespace
+
+    from specdec.cli import _drafter_options
+
+    args = Namespace(corpus="c.npz", drafter_option=["recycle.shape=best_first", "top_k=4", "sam.bias=2.5",
+                                                     "recycle.chain_streak=none", "ngram.fast=TRUE"])
+    assert _drafter_options(args, ["ngram", "recycle", "sam"]) == {
+        "ngram": {"top_k": 4, "fast": True},
+        "recycle": {"corpus": "c.npz", "shape": "best_first", "top_k": 4, "chain_streak": None},
+        "sam": {"corpus": "c.npz", "top_k": 4, "bias": 2.5}}
+    for bad, match in [("shape", "KEY=VALUE"), ("=3", "KEY=VALUE"), ("suffix.x=1", "not among"),
+                       ("recycle.2x=1", "KEY=VALUE")]:
+        with pytest.raises(ValueError, match=match):
+            _drafter_options(Namespace(corpus=None, drafter_option=[bad]), ["ngram", "recycle"])
+    with pytest.raises(ValueError, match="takes no drafter options"):
+        _drafter_options(Namespace(corpus=None, drafter_option=["top_k=2"]), ["none"])
+
+
+def test_unknown_drafter_option_names_the_known_ones():
+    with pytest.raises(TypeError, match=r"no option 'shapes': its options are \[.*'shape'"):
+        make_drafter("recycle", shapes="best_first")
 
 
 @pytest.mark.slow
