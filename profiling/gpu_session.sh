@@ -14,6 +14,8 @@
 #       tests      the whole test suite with CUDA (the CUDA-only tests included)
 #       kernels    the tree-attention and verification kernel microbenchmarks
 #       specbench  Spec-Bench sample, batch 1, every drafter, 96 tokens per turn
+#       recycle    the same sample: Token Recycling's template against its best-first trees, beside
+#                  ngram (where tree nodes are cheap, wider trees may turn the order around)
 #       sweep      batch sizes 1, 4, 16, 64 (BATCHES=1,4 for some): fixed draft lengths 2, 4, 8
 #                  against "auto"
 #       nsys       a short decode under Nsight Systems (when nsys is on the PATH)
@@ -121,6 +123,14 @@ specbench() {
         --out "$OUT/specbench_gpu.json" 2>&1 | tee "$OUT/specbench.log" | grep -v '^bench:'
 }
 
+recycle_ab() {
+    local quick=()
+    [[ "${QUICK:-0}" == 1 ]] && quick=(--per-category 1 --max-new-tokens 16)
+    # shellcheck disable=SC2046
+    "$py" profiling/ab_recycle.py --questions "$stash/part2/question.jsonl" $(corpus_flag) "${quick[@]}" \
+        --variants ngram,recycle,recycle:best_first --out "$OUT/recycle_ab_gpu.json" 2>&1 | tee "$OUT/recycle_ab.log"
+}
+
 sweep() {
     # shellcheck disable=SC2046
     "$py" -m specdec.cli bench --questions "$stash/part2/question.jsonl" --per-category 5 --requests "$requests" \
@@ -133,13 +143,14 @@ nsys_trace() {
     bash profiling/nsys.sh suffix 1 && cp profiling/results/nsys_suffix_b1.txt "$OUT/"
 }
 
-[[ $# -gt 0 ]] || { sed -n '2,22p' "$0"; exit 2; }
+[[ $# -gt 0 ]] || { sed -n '2,25p' "$0"; exit 2; }
 for stage in "$@"; do
     case $stage in
         prep|part1) "$stage" ;;
         tests|kernels|specbench|sweep) [[ -n "${_ready:-}" ]] || { setup; _ready=1; }; "$stage" ;;
         nsys) [[ -n "${_ready:-}" ]] || { setup; _ready=1; }; nsys_trace ;;
+        recycle) [[ -n "${_ready:-}" ]] || { setup; _ready=1; }; recycle_ab ;;
         setup) setup; _ready=1 ;;
-        *) echo "unknown stage: $stage (prep, part1, setup, tests, kernels, specbench, sweep, nsys)" >&2; exit 2 ;;
+        *) echo "unknown stage: $stage (prep, part1, setup, tests, kernels, specbench, recycle, sweep, nsys)" >&2; exit 2 ;;
     esac
 done
