@@ -81,7 +81,7 @@ the path, as SuffixDecoding grows its trees: deep where the records are sure, wi
 not. Its `match_len` is a bucket of the tree's summed scores (`confidence_bucket`). The records do
 predict acceptance: replaying the Spec-Bench sample with 16-node template drafts, a node whose
 parent was accepted was itself accepted 5% of the time where its recorded probability was below
-0.1, 21% at 0.2-0.3, 60% at 0.8-0.9 and 70-74% above 0.95. Yet on a CPU the template with the
+0.1, 20% at 0.2-0.3, 60% at 0.8-0.9 and 70-74% above 0.95. Yet on a CPU the template with the
 streak does better: on 13 Spec-Bench questions priced by the cost curve, best-first trees 1.27x
 over AR, the template 1.29x, ngram 1.31x (`profiling/predicted_speed.py`; 2026-12-05). Translation
 loses most (3.5x against 4.4x): its loops copy, and the streak finds them where the records,
