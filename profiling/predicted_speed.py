@@ -9,8 +9,10 @@ forward is priced at c(1, 1 + K), the controller's measured cost of a forward ov
 draft nodes at batch 1; steps without a draft at c(1, 1). The predicted speedup over AR is
 tokens x c(1, 1) / that sum. Drafting time and the clock's noise stay out (a 2-core machine's wall
 time moves by 5-10% between runs; this figure moved by 0.3% when a variant was run twice), so
-small changes to what a drafter proposes can be compared in one pass; a change that should count
-is then timed (`ab_recycle.py`). "auto" still reads the clock for its fitted overheads, so run it
+small changes to what a drafter proposes can be screened in one pass. It is a screen, not a
+verdict: it leaves out each step's work beyond the forward, and on 2026-12-05 it put recycle 7-8%
+closer to ngram than timed runs did, and a chain threshold of 2 3% ahead of 4 where timing found
+0.99x (results/README.md). A change that should count is timed (`ab_recycle.py`). "auto" still reads the clock for its fitted overheads, so run it
 alone. Variants: those of `ab_recycle.py`. --every 2 takes every second question (13 of 26, 4
 minutes a variant on a 2-core CPU).
 """
