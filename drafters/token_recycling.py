@@ -182,14 +182,15 @@ def corpus_rows(corpus: Corpus, top_k: int) -> tuple[np.ndarray, np.ndarray, np.
     order = np.lexsort((then, -counts, first))  # by token, then count descending, then id
     first, then, counts = first[order], then[order], counts[order]
     starts = np.flatnonzero(np.r_[True, first[1:] != first[:-1]])  # each token's run
-    rank = np.arange(first.size) - np.repeat(starts, np.diff(np.r_[starts, first.size]))
+    run = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, first.size]))  # each pair's run
+    rank = np.arange(first.size) - starts[run]
     keep = rank < top_k
     tokens = first[starts]
     rows = np.full((tokens.size, top_k), -1, dtype=np.int64)
-    rows[np.searchsorted(tokens, first[keep]), rank[keep]] = then[keep]
+    rows[run[keep], rank[keep]] = then[keep]
     freqs = np.zeros((tokens.size, top_k), dtype=np.float32)
-    total = np.bincount(np.searchsorted(tokens, first), weights=counts, minlength=tokens.size)
-    freqs[np.searchsorted(tokens, first[keep]), rank[keep]] = counts[keep] / total[np.searchsorted(tokens, first[keep])]
+    total = np.bincount(run, weights=counts)  # each token's successors in all
+    freqs[run[keep], rank[keep]] = counts[keep] / total[run[keep]]
     uni = np.bincount(corpus.tokens, minlength=V)
     common = np.argsort(-uni, kind="stable")[: 2 * top_k].tolist()  # enough to top up any row
     for i in np.flatnonzero(rows[:, -1] < 0):  # rows with fewer than top_k distinct successors
